@@ -1,0 +1,5 @@
+import sys
+
+from conditune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,216 @@
+"""Per-tensor scan records and the files they are written to (CSV, JSON, parquet).
+
+One :class:`TensorRecord` per weight matrix. The record is the contract between the scanner and
+everything downstream (``select``, ``theory``, plots), so its columns are listed once, here.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from conditune.errors import ConditumeError
+from conditune.io import atomic_write
+
+OK, SKIPPED, FLAGGED = "ok", "skipped", "flagged"
+
+# First ".<digits>." in a name is the layer index: model.layers.12.mlp..., transformer.h.3.attn...,
+# encoder.blocks.0... Everything after it (minus .weight/.bias) is the tensor kind.
+_LAYER_RE = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
+_SUFFIX_RE = re.compile(r"\.(weight|bias)$")
+_SLICE_RE = re.compile(r"\[(\d+)\]$")
+
+
+def parse_name(name: str) -> tuple[int | None, str]:
+    """(layer index or None, tensor kind) from a parameter name.
+
+    >>> parse_name("model.layers.12.self_attn.q_proj.weight")
+    (12, 'self_attn.q_proj')
+    >>> parse_name("model.embed_tokens.weight")
+    (None, 'embed_tokens')
+    >>> parse_name("model.layers.3.mlp.experts.gate_up_proj[5]")
+    (3, 'mlp.experts.gate_up_proj')
+    """
+    base = _SLICE_RE.sub("", name)
+    base = _SUFFIX_RE.sub("", base)
+    match = _LAYER_RE.search(base)
+    if match:
+        return int(match.group(1)), match.group(2)
+    return None, base.rsplit(".", 1)[-1]
+
+
+@dataclass
+class TensorRecord:
+    """Spectral summary of one weight matrix (see README, "scan" for the meaning of each column)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    layer: int | None = None
+    kind: str = ""
+    status: str = OK
+    reason: str = ""
+    sigma_max: float | None = None
+    sigma_min: float | None = None  # smallest non-zero singular value
+    kappa: float | None = None
+    kappa_rel_err: float | None = None  # bound on |kappa - kappa_exact| / kappa_exact
+    log2_volume: float | None = None
+    frobenius: float | None = None
+    stable_rank: float | None = None
+    effective_rank: float | None = None  # only with the full spectrum
+    rank: int | None = None
+    entropy_bits: float | None = None
+    kappa_mp: float | None = None
+    kappa_norm: float | None = None
+    method: str = ""
+    seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.layer, self.kind = parse_name(self.name)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """The 2-D shape the spectrum was computed on (last two dims for slices, (out, rest) for convs)."""
+        if len(self.shape) == 2:
+            return (int(self.shape[0]), int(self.shape[1]))
+        return (int(self.shape[0]), int(math.prod(self.shape[1:])))
+
+    def to_row(self) -> dict[str, Any]:
+        row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        row["shape"] = format_shape(self.shape)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "TensorRecord":
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra" or f.name not in row:
+                continue
+            kwargs[f.name] = _coerce(f.name, row[f.name])
+        if "name" not in kwargs:
+            raise ConditumeError("scan file row has no 'name' column")
+        kwargs.setdefault("shape", ())
+        kwargs.setdefault("dtype", "")
+        kwargs.setdefault("numel", math.prod(kwargs["shape"]) if kwargs["shape"] else 0)
+        return cls(**kwargs)
+
+
+COLUMNS = [f.name for f in dataclasses.fields(TensorRecord) if f.name != "extra"]
+_INT_COLUMNS = {"numel", "layer", "rank"}
+_STR_COLUMNS = {"name", "dtype", "kind", "status", "reason", "method"}
+
+
+def format_shape(shape: Iterable[int]) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def parse_shape(text: Any) -> tuple[int, ...]:
+    if isinstance(text, (list, tuple)):
+        return tuple(int(d) for d in text)
+    text = str(text).strip()
+    if not text:
+        return ()
+    try:
+        return tuple(int(d) for d in text.split("x"))
+    except ValueError:
+        raise ConditumeError(f"bad shape {text!r} in scan file (expected like 4096x14336)") from None
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name == "shape":
+        return parse_shape(value)
+    if value is None or (isinstance(value, str) and value == "") or (isinstance(value, float) and math.isnan(value) and name not in _STR_COLUMNS):
+        return "" if name in _STR_COLUMNS else None
+    if name in _STR_COLUMNS:
+        return str(value)
+    if name in _INT_COLUMNS:
+        return int(float(value))
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def write_records(records: list[TensorRecord], path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write records atomically; the format comes from the extension (.csv, .json, .parquet)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    rows = [r.to_row() for r in records]
+    if suffix == ".csv":
+        with atomic_write(path, newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _csv_value(v) for k, v in row.items()})
+        if meta:  # CSV has no room for metadata: keep it beside the table
+            with atomic_write(path.with_suffix(path.suffix + ".meta.json")) as handle:
+                json.dump(meta, handle, indent=2)
+    elif suffix == ".json":
+        with atomic_write(path) as handle:
+            json.dump({"meta": meta or {}, "records": rows}, handle, indent=1, allow_nan=True)
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in COLUMNS})
+        if meta:
+            table = table.replace_schema_metadata({b"conditune": json.dumps(meta).encode()})
+        with atomic_write(path, "wb") as handle:
+            pq.write_table(table, handle)
+    else:
+        raise ConditumeError(f"{path}: unknown output format {suffix!r} (use .csv, .json or .parquet)")
+    return path
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly
+    return value
+
+
+def read_records(path: str | Path) -> tuple[list[TensorRecord], dict[str, Any]]:
+    """Read a scan file written by :func:`write_records` (or by hand with the same columns)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConditumeError(f"{path}: scan file not found")
+    suffix = path.suffix.lower()
+    meta: dict[str, Any] = {}
+    try:
+        if suffix == ".csv":
+            with open(path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            meta_path = path.with_suffix(path.suffix + ".meta.json")
+            if meta_path.is_file():
+                meta = json.loads(meta_path.read_text())
+        elif suffix == ".json":
+            data = json.loads(path.read_text())
+            if isinstance(data, list):
+                rows = data
+            else:
+                rows, meta = data.get("records", []), data.get("meta", {})
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            rows = table.to_pylist()
+            raw = (table.schema.metadata or {}).get(b"conditune")
+            meta = json.loads(raw) if raw else {}
+        else:
+            raise ConditumeError(f"{path}: unknown scan file format {suffix!r} (use .csv, .json or .parquet)")
+    except ConditumeError:
+        raise
+    except Exception as exc:  # corrupt file: say which and why, in one line
+        raise ConditumeError(f"{path}: cannot read scan file ({type(exc).__name__}: {exc})") from exc
+    return [TensorRecord.from_row(row) for row in rows], meta
