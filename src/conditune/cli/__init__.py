@@ -13,7 +13,7 @@ import typer
 
 from conditune.errors import ConditumeError
 
-COMMAND_MODULES = ["models"]
+COMMAND_MODULES = ["models", "select", "data"]
 
 app = typer.Typer(
     name="conditune",

@@ -1,0 +1,1 @@
+"""Speech data: audio loading, JSONL manifests, Hugging Face datasets, synthetic speech, batching."""

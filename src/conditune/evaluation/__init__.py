@@ -1,0 +1,1 @@
+"""Evaluation: word error rate and related metrics."""
