@@ -13,7 +13,7 @@ import typer
 
 from conditune.errors import ConditumeError
 
-COMMAND_MODULES = ["models", "select", "data"]
+COMMAND_MODULES = ["scan", "models", "select", "data", "theory", "train", "transcribe", "evaluate"]
 
 app = typer.Typer(
     name="conditune",

@@ -35,9 +35,9 @@ EPS64 = float(np.finfo(np.float64).eps)
 
 # Below this min side a full float64 SVD costs less than the machinery of the fast path.
 SMALL_SIDE = 384
-# Switch from the Gram to the QR factor when Gram rounding moves sigma_min by more than this
-# (measured: ~1.6e-18 kappa^2, so only beyond kappa ~ 1e6).
-GRAM_DRIFT_LIMIT = 1e-6
+# Climb the precision ladder (float32 Gram -> float64 Gram -> QR) while the error bound of the
+# refined extremes exceeds this. Measured float64 Gram rounding on sigma_min: ~1.6e-18 kappa^2.
+GRAM_REL_ERR_LIMIT = 1e-7
 # Matrices at most this square (min side / max side) try a float32 Gram first: their kappa is
 # usually small, and float32 halves the dominant cost.
 RECTANGULAR_RATIO = 0.75
@@ -82,89 +82,148 @@ def analyse_matrix(matrix, *, full_spectrum: bool = False, device: str = "cpu") 
 
         result = analyse_matrix_torch(matrix, full_spectrum=full_spectrum, device=device)
     else:
-        result = _analyse_cpu(_as_float64(matrix), full_spectrum)
+        result = _analyse_cpu(TallMatrix(matrix), full_spectrum)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _as_float64(matrix) -> np.ndarray:
-    if hasattr(matrix, "detach"):  # torch tensor: upcast in torch (numpy has no bfloat16)
+class TallMatrix:
+    """A matrix seen as tall (m >= n; transposed if needed: same singular values), read in row
+    chunks upcast one at a time, so a 128256 x 4096 bf16 embedding never exists in float64."""
+
+    CHUNK_BYTES = 256 * 2**20  # float64 bytes per chunk
+    KEEP_BYTES = 1 << 30  # up to this, upcast once and keep (each pass would otherwise redo it)
+
+    def __init__(self, matrix):
         import torch
 
-        matrix = matrix.detach().to(device="cpu", dtype=torch.float64).numpy()
-    a = np.asarray(matrix, dtype=np.float64)
-    if a.ndim != 2:
-        raise ValueError(f"expected a 2-D matrix, got shape {a.shape}")
-    return a
+        t = matrix if isinstance(matrix, torch.Tensor) else torch.from_numpy(np.asarray(matrix))
+        t = t.detach().cpu()
+        if t.dim() != 2:
+            raise ValueError(f"expected a 2-D matrix, got shape {tuple(t.shape)}")
+        self.t = t.T if t.shape[0] < t.shape[1] else t
+        self.m, self.n = self.t.shape
+        self.rows_per_chunk = max(1, self.CHUNK_BYTES // (8 * self.n))
+        self._kept = self.t.to(torch.float64).numpy() if 8 * self.m * self.n <= self.KEEP_BYTES else None
+
+    def chunks(self, dtype=np.float64):
+        import torch
+
+        torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
+        for start in range(0, self.m, self.rows_per_chunk):
+            if self._kept is not None:
+                yield self._kept[start : start + self.rows_per_chunk].astype(dtype, copy=False)
+            else:
+                yield self.t[start : start + self.rows_per_chunk].to(torch_dtype).numpy()
+
+    def dense(self) -> np.ndarray:
+        """The whole matrix in float64 (only for small matrices and the rare SVD/QR fallbacks)."""
+        if self._kept is not None:
+            return self._kept
+        return np.concatenate(list(self.chunks()), axis=0)
+
+    def gram(self, dtype) -> np.ndarray:
+        g = np.zeros((self.n, self.n), dtype=dtype)
+        for chunk in self.chunks(dtype):
+            g += chunk.T @ chunk
+        return g
+
+    def matvec_norm(self, v: np.ndarray) -> float:
+        """||A v|| in float64."""
+        return math.sqrt(sum(float(np.sum((chunk @ v) ** 2)) for chunk in self.chunks()))
+
+    def frobenius(self) -> float:
+        """Frobenius norm, or :class:`MatrixProblem` for NaN/Inf and all-zero matrices."""
+        total, bad = 0.0, 0
+        for chunk in self.chunks():
+            square_sum = float(np.sum(chunk * chunk))
+            if not math.isfinite(square_sum):
+                bad += int(np.count_nonzero(~np.isfinite(chunk)))
+            total += square_sum
+        if bad:
+            raise MatrixProblem(f"{bad} NaN/Inf values")
+        if total == 0.0:
+            raise MatrixProblem("all zero")
+        return math.sqrt(total)
 
 
-def check_matrix(a: np.ndarray) -> float:
-    """Frobenius norm, or :class:`MatrixProblem` for NaN/Inf and all-zero matrices."""
-    frob = float(np.linalg.norm(a))
-    if not math.isfinite(frob):
-        bad = int(np.count_nonzero(~np.isfinite(a)))
-        raise MatrixProblem(f"{bad} NaN/Inf values")
-    if frob == 0.0:
-        raise MatrixProblem("all zero")
-    return frob
-
-
-def _analyse_cpu(a: np.ndarray, full_spectrum: bool) -> Spectrum:
-    frob = check_matrix(a)
-    if a.shape[0] < a.shape[1]:
-        a = a.T  # same singular values; the Gram matrix is then the smaller one
-    m, n = a.shape
-    if full_spectrum or n <= SMALL_SIDE:
-        return spectrum_from_singular_values(sla.svdvals(a, check_finite=False), (m, n), frob, "svd", keep=full_spectrum)
+def _analyse_cpu(a: TallMatrix, full_spectrum: bool) -> Spectrum:
+    frob = a.frobenius()
+    shape = (a.m, a.n)
+    if full_spectrum or a.n <= SMALL_SIDE:
+        return _svd(a, frob, keep=full_spectrum)
     # Precision ladder: a float32 Gram first where kappa is likely small (rectangular shapes), float64
     # next, QR last; each rung is taken only when the one below measurably moved sigma_min.
-    ladder = (np.float32, np.float64) if n <= RECTANGULAR_RATIO * m else (np.float64,)
+    ladder = (np.float32, np.float64) if a.n <= RECTANGULAR_RATIO * a.m else (np.float64,)
     for dtype in ladder:
         estimate = _gram_estimate(a, dtype)
-        if estimate is None:
-            continue  # Cholesky failed in this precision
-        sigma_max, sigma_min, log2_vol, err = estimate
-        if err["drift"] <= GRAM_DRIFT_LIMIT:
+        if estimate is not None and estimate[3]["bound"] <= GRAM_REL_ERR_LIMIT:
             break
     else:
         if estimate is None:
             # Not numerically positive definite even in float64: rank-deficient or kappa beyond
             # ~1e7. Only an SVD can tell.
-            return spectrum_from_singular_values(sla.svdvals(a, check_finite=False), (m, n), frob, "svd")
-        r = sla.qr(a, mode="r", check_finite=False)[0][:n]
-        mu, lanczos_err, _ = lanczos_largest(_triangular_inverse_operator(r))
-        sigma_min, log2_vol = 1.0 / math.sqrt(mu), float(np.sum(np.log2(np.abs(np.diag(r)))))
-        err = {"lanczos": err["lanczos"] + 0.5 * lanczos_err, "drift": 0.0, "method": "qr"}
-    if sigma_min <= _tolerance(sigma_max, (m, n)):
-        return spectrum_from_singular_values(sla.svdvals(a, check_finite=False), (m, n), frob, "svd")
-    rel_err = err["lanczos"] + err["drift"] + backward_error_bound(m, n, sigma_max / sigma_min)
-    return Spectrum(sigma_max, sigma_min, n, log2_vol, frob, rel_err, err["method"])
+            return _svd(a, frob)
+        r = sla.qr(a.dense(), mode="r", check_finite=False)[0][: a.n]
+        bottom = lanczos_extremes(_triangular_inverse_operator(r))
+        sigma_max, _, _, err = estimate
+        sigma_min, log2_vol = 1.0 / math.sqrt(bottom.value), float(np.sum(np.log2(np.abs(np.diag(r)))))
+        # The operator is exact here (R from a backward-stable QR): the Lanczos residual is the bound.
+        estimate = (sigma_max, sigma_min, log2_vol, {"bound": err["bound"] + 0.5 * bottom.residual, "method": "qr"})
+    sigma_max, sigma_min, log2_vol, err = estimate
+    if sigma_min <= _tolerance(sigma_max, shape):
+        return _svd(a, frob)
+    rel_err = err["bound"] + backward_error_bound(a.m, a.n, sigma_max / sigma_min)
+    return Spectrum(sigma_max, sigma_min, a.n, log2_vol, frob, rel_err, err["method"])
 
 
-def _gram_estimate(a: np.ndarray, dtype) -> tuple[float, float, float, dict] | None:
-    """Extreme singular values of tall ``a`` (float64) from its Gram matrix formed in ``dtype``.
+def _svd(a: TallMatrix, frob: float, keep: bool = False) -> Spectrum:
+    return spectrum_from_singular_values(sla.svdvals(a.dense(), check_finite=False), (a.m, a.n), frob, "svd", keep=keep)
 
-    Lanczos runs on G and on G^-1 (Cholesky solves). Forming G in finite precision rounds its small
-    eigenvalues by ~ eps * sigma_max^2. The Rayleigh quotients ||A v|| of the Ritz vectors, computed
-    from A in float64, remove that rounding to first order (v^T E v); what remains is second order.
-    Their drift from the Gram values measures the rounding and stands in as its error estimate.
+
+def _gram_estimate(a: TallMatrix, dtype) -> tuple[float, float, float, dict] | None:
+    """Extreme singular values of ``a`` from its Gram matrix formed in ``dtype``.
+
+    Lanczos on G and on G^-1 (Cholesky solves) gives the extreme Ritz vectors. Forming G in finite
+    precision perturbs them, so each is re-scored against the exact operator A^T A, applied from A
+    in float64 (:func:`_refine`): the Rayleigh quotient removes G's rounding to first order, and the
+    residual bounds what is left.
     """
-    work = a.astype(dtype, copy=False)
-    gram = work.T @ work
-    del work
+    gram = a.gram(dtype)
     try:
         chol = sla.cholesky(gram, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         return None
-    lam_max, err_max, u = lanczos_largest(_dense_operator(gram))
-    mu, err_min, v = lanczos_largest(_cholesky_inverse_operator(chol))
+    top = lanczos_extremes(_dense_operator(gram))
+    del gram
+    bottom = lanczos_extremes(_cholesky_inverse_operator(chol))
     log2_vol = float(np.sum(np.log2(np.diag(chol).astype(np.float64))))
-    sigma_max = float(np.linalg.norm(a @ u))
-    sigma_min = float(np.linalg.norm(a @ v))
-    drift = abs(sigma_max - math.sqrt(lam_max)) / sigma_max + abs(sigma_min - 1.0 / math.sqrt(mu)) / sigma_min
+    # Relative gaps to the next eigenvalue, for Kato-Temple (G^-1's eigenvalues are 1/lambda).
+    top_gap = 1.0 - top.second / top.value
+    bottom_gap = top_gap if bottom.second is None else bottom.value / bottom.second - 1.0
+    sigma_max, err_max = _refine(a, top.vector, top_gap)
+    sigma_min, err_min = _refine(a, bottom.vector, bottom_gap)
     method = "gram" if dtype == np.float64 else "gram32"
-    # sigma = sqrt(lambda): relative errors of the Ritz values halve.
-    return sigma_max, sigma_min, log2_vol, {"lanczos": 0.5 * (err_max + err_min), "drift": drift, "method": method}
+    return sigma_max, sigma_min, log2_vol, {"bound": err_max + err_min, "method": method}
+
+
+def _refine(a: TallMatrix, v: np.ndarray, relative_gap: float | None) -> tuple[float, float]:
+    """sigma = ||A v|| for a unit vector v, and a bound on its relative error.
+
+    With theta = ||A v||^2 and r = A^T A v - theta v (both from A in float64), an eigenvalue of A^T A
+    lies within ||r|| of theta (Weyl), and within ||r||^2 / gap when the rest of the spectrum is at
+    least ``gap`` away (Kato-Temple; the gap comes from the Lanczos run on the rounded G, so this
+    part is an estimate). The relative error on sigma is half that on theta.
+    """
+    theta, atav = 0.0, np.zeros_like(v)
+    for chunk in a.chunks():
+        av = chunk @ v
+        theta += float(av @ av)
+        atav += chunk.T @ av
+    residual = float(np.linalg.norm(atav - theta * v)) / theta
+    if relative_gap and relative_gap > 0:
+        residual = min(residual, residual**2 / relative_gap)
+    return math.sqrt(theta), 0.5 * residual
 
 
 def spectrum_from_singular_values(s: np.ndarray, shape: tuple[int, int], frob: float, method: str, keep: bool = False) -> Spectrum:
@@ -227,19 +286,29 @@ def _triangular_inverse_operator(r: np.ndarray) -> LinearOperator:
     return LinearOperator(r.shape, matvec=solve, dtype=np.float64)
 
 
-def lanczos_largest(op: LinearOperator) -> tuple[float, float, np.ndarray]:
-    """Largest eigenvalue of a symmetric positive definite operator, its relative error bound
-    (residual norm / eigenvalue: an eigenvalue lies that close) and its unit eigenvector."""
+@dataclass
+class RitzPair:
+    value: float  # largest eigenvalue
+    vector: np.ndarray  # unit eigenvector
+    residual: float  # ||op v - value v|| / value: an eigenvalue lies that close (relative)
+    second: float | None  # next largest Ritz value, for gaps
+
+
+def lanczos_extremes(op: LinearOperator) -> RitzPair:
+    """Largest eigenpair of a symmetric positive definite operator (and the next Ritz value)."""
     n = op.shape[0]
     v0 = np.random.default_rng(n).standard_normal(n)  # deterministic start: reproducible scans
+    k = 2 if n > 2 else 1
     try:
-        values, vectors = eigsh(op, k=1, which="LA", v0=v0, tol=LANCZOS_TOL, ncv=min(n, 24), maxiter=50 * n)
+        values, vectors = eigsh(op, k=k, which="LA", v0=v0, tol=LANCZOS_TOL, ncv=min(n, 24), maxiter=50 * n)
     except ArpackNoConvergence as exc:  # keep the best Ritz pair; its residual says how good it is
         if not len(exc.eigenvalues):
             raise
         values, vectors = exc.eigenvalues, exc.eigenvectors
-    theta = float(values[-1])
-    v = vectors[:, -1]
+    order = np.argsort(values)[::-1]
+    theta = float(values[order[0]])
+    v = vectors[:, order[0]]
     v = v / np.linalg.norm(v)
-    residual = float(np.linalg.norm(op.matvec(v) - theta * v))
-    return theta, residual / theta, v
+    residual = float(np.linalg.norm(op.matvec(v) - theta * v)) / theta
+    second = float(values[order[1]]) if len(order) > 1 else None
+    return RitzPair(theta, v, residual, second)

@@ -1,0 +1,298 @@
+"""Speech LLM model: encoders, adaptor, sequence layout / loss, generation, save/load, feature cache."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from speech_helpers import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone
+
+from conditune.errors import ConditumeError
+from conditune.speech.adaptor import AudioAdaptor
+from conditune.speech.config import AdaptorConfig, EncoderConfig, SpeechLLMConfig
+from conditune.speech.encoders import HFWhisperEncoder, encoded_length
+from conditune.speech.modeling import IGNORE_INDEX, SpeechLLM
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speech")
+    whisper = make_tiny_whisper(root / "whisper")
+    llm = make_tiny_llm(root / "llm")
+    manifest, paths = make_corpus(root / "data")
+    return {"root": root, "whisper": whisper, "llm": llm, "manifest": manifest, "paths": paths}
+
+
+@pytest.fixture(scope="module")
+def model(assets):
+    torch.manual_seed(0)
+    cfg = SpeechLLMConfig.from_dict(model_config(assets["whisper"], assets["llm"], "all"))
+    return SpeechLLM.build(cfg)
+
+
+def _waves(paths):
+    from conditune.data.audio import load_audio
+
+    return [load_audio(p) for p in paths]
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_round_trip_and_errors(assets):
+    data = model_config(assets["whisper"], assets["llm"], "lora")
+    data["adaptor"]["dropout"] = "0.25"  # strings (YAML / CLI) are coerced to the field type
+    cfg = SpeechLLMConfig.from_dict(data)
+    assert cfg.adaptor.dropout == 0.25 and cfg.trainable.mode == "lora"
+    again = SpeechLLMConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+    with pytest.raises(ConditumeError, match="unknown key"):
+        SpeechLLMConfig.from_dict({"adaptor": {"sub_sample": 4}})
+    bad = SpeechLLMConfig.from_dict({**data, "trainable": {"mode": "names"}})
+    with pytest.raises(ConditumeError, match="names_file"):
+        bad.validate()
+
+
+# ---------------------------------------------------------------- encoder + adaptor
+
+
+def test_hf_encoder_uses_real_length_and_is_batch_independent(assets):
+    enc = HFWhisperEncoder(EncoderConfig(backend="hf", path=str(assets["whisper"])))
+    waves = [tone(0.5, 300, 1), tone(1.13, 500, 2), tone(0.5, 700, 3)]
+    frames, lengths = enc.encode(waves)
+    assert lengths.tolist() == [encoded_length(len(w)) for w in waves] == [25, 57, 25]
+    assert frames.shape == (3, 57, enc.dim) and frames.dtype == torch.float32
+    assert torch.all(frames[0, 25:] == 0)
+    alone, _ = enc.encode([waves[1]])
+    torch.testing.assert_close(alone[0], frames[1], rtol=0, atol=1e-6)
+    # identity is stable and depends on the weights folder
+    assert enc.identity == HFWhisperEncoder(EncoderConfig(backend="hf", path=str(assets["whisper"]))).identity
+
+
+def test_encoder_length_buckets_batch_similar_lengths(assets, monkeypatch):
+    enc = HFWhisperEncoder(EncoderConfig(backend="hf", path=str(assets["whisper"]), bucket_seconds=1.0))
+    calls = []
+    original = enc._encode_mels
+    monkeypatch.setattr(enc, "_encode_mels", lambda mels: calls.append(mels.shape) or original(mels))
+    waves = [tone(0.31, 300, 1), tone(0.77, 500, 2), tone(1.4, 700, 3)]
+    frames, lengths = enc.encode(waves)
+    assert lengths.tolist() == [encoded_length(len(w)) for w in waves]
+    assert calls == [(2, 80, 100), (1, 80, 200)]  # the two short ones share a 1 s bucket
+    alone, _ = enc.encode([waves[1]])
+    torch.testing.assert_close(alone[0], frames[1, : lengths[1]], rtol=0, atol=1e-6)
+    assert enc.identity != HFWhisperEncoder(EncoderConfig(backend="hf", path=str(assets["whisper"]))).identity
+
+
+def test_hf_encoder_equals_transformers_forward_on_30s_input(tmp_path):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=64, num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=2,
+                        encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
+                        max_source_positions=1500, max_target_positions=32, pad_token_id=1, bos_token_id=2,
+                        eos_token_id=2, decoder_start_token_id=2)
+    reference = WhisperForConditionalGeneration(cfg).eval()  # a ...ForConditionalGeneration folder loads too
+    reference.save_pretrained(tmp_path / "w")
+    enc = HFWhisperEncoder(EncoderConfig(backend="hf", path=str(tmp_path / "w")))
+    mel = np.random.default_rng(0).standard_normal((1, 80, 3000)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference.model.encoder(torch.from_numpy(mel)).last_hidden_state.numpy()
+    np.testing.assert_allclose(enc._encode_mels(mel), expected, rtol=0, atol=1e-5)
+
+
+def test_adaptor_subsamples_and_ignores_padding():
+    torch.manual_seed(0)
+    adaptor = AudioAdaptor(8, 16, AdaptorConfig(subsample=4, depth=2, heads=4, dropout=0.0)).eval()
+    x = torch.randn(3, 10, 8)
+    lengths = torch.tensor([10, 5, 1])
+    out, new = adaptor(x, lengths)
+    assert new.tolist() == [3, 2, 1] and out.shape == (3, 3, 16)
+    assert torch.all(out[1, 2:] == 0) and torch.all(out[2, 1:] == 0)
+    x2 = x.clone()
+    x2[1, 5:] = 123.0  # garbage in the padded part changes nothing
+    out2, _ = adaptor(x2, lengths)
+    torch.testing.assert_close(out, out2)
+    single, _ = adaptor(x[1:2, :5], lengths[1:2])
+    torch.testing.assert_close(single[0], out[1, :2], rtol=1e-5, atol=1e-5)
+    # frame concatenation, tail padding, projection, norm and positions, by hand (no attention layers)
+    from conditune.speech.adaptor import sinusoidal_positions
+
+    flat = AudioAdaptor(8, 16, AdaptorConfig(subsample=4, depth=0, heads=4)).eval()
+    y = torch.randn(1, 6, 8)
+    out, new = flat(y, torch.tensor([6]))
+    rows = torch.stack([torch.cat([y[0, 0], y[0, 1], y[0, 2], y[0, 3]]), torch.cat([y[0, 4], y[0, 5], torch.zeros(16)])])
+    with torch.no_grad():
+        expected = flat.norm(flat.proj(rows)) + sinusoidal_positions(2, 16)
+    assert new.tolist() == [2]
+    torch.testing.assert_close(out[0], expected)
+
+
+# ---------------------------------------------------------------- sequence layout and loss
+
+
+def test_labels_and_loss_equal_hand_computation(model, assets):
+    model.eval()
+    frames, lengths = model.encoder.encode(_waves(assets["paths"][:3]))
+    tokens = [model.encode_text(t) for t in TEXTS[:3]]
+    with torch.no_grad():
+        audio, alen = model.adaptor(frames, lengths)
+        batch = model.build_inputs(audio, alen, tokens)
+        out = model.loss_from_batch(batch)
+
+    bos, eos = model.bos_token_id, model.eos_token_id
+    total_nll, total_n = 0.0, 0
+    for b, toks in enumerate(tokens):
+        n_audio = int(alen[b])
+        assert n_audio == math.ceil(int(lengths[b]) / 4)
+        seq_len = n_audio + len(toks) + 2
+        # layout: audio, BOS, text, EOS, then right padding
+        assert batch.attention_mask[b].tolist() == [1] * seq_len + [0] * (batch.attention_mask.shape[1] - seq_len)
+        assert batch.position_ids[b, :seq_len].tolist() == list(range(seq_len))
+        expected = [IGNORE_INDEX] * n_audio + list(toks) + [eos] + [IGNORE_INDEX] * (batch.labels.shape[1] - n_audio - len(toks) - 1)
+        assert batch.labels[b].tolist() == expected
+        # by hand: one unpadded sequence through the full model, loss token by token
+        emb = model.core_llm.get_input_embeddings()
+        ids = torch.tensor([bos, *toks, eos])
+        seq = torch.cat([audio[b, :n_audio], emb(ids)]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model.core_llm(inputs_embeds=seq).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        targets = [*toks, eos]
+        for j, target in enumerate(targets):
+            position = n_audio + j  # BOS predicts t_1, t_k predicts t_{k+1}, t_m predicts EOS
+            total_nll -= float(logp[position, target])
+            total_n += 1
+    assert out.num_tokens == total_n
+    assert float(out.loss) == pytest.approx(total_nll / total_n, rel=1e-5, abs=1e-6)
+
+
+def test_forward_computes_logits_only_at_loss_positions(model, assets, monkeypatch):
+    frames, lengths = model.encoder.encode(_waves(assets["paths"][:2]))
+    tokens = [model.encode_text(t) for t in TEXTS[:2]]
+    head = model.core_llm.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    try:
+        out = model(frames, lengths, tokens)
+    finally:
+        handle.remove()
+    n = sum(len(t) + 1 for t in tokens)
+    assert seen == [(n, head.in_features)] and out.num_tokens == n
+    out.loss.backward()  # gradients reach the adaptor
+    assert model.adaptor.proj.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------- generation and persistence
+
+
+def test_transcribe_batched_equals_single_and_beam(model, assets):
+    paths = [str(p) for p in assets["paths"]]
+    batched = model.transcribe(paths, batch_size=4, max_new_tokens=6)
+    single = model.transcribe(paths, batch_size=1, max_new_tokens=6)
+    assert batched == single and len(batched) == 4
+    beams = model.transcribe([_waves(paths[:1])[0]], num_beams=3, max_new_tokens=6)
+    assert len(beams) == 1 and isinstance(beams[0], str)
+
+
+def test_save_load_round_trip(assets, tmp_path):
+    torch.manual_seed(1)
+    names = ["model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
+    cfg = SpeechLLMConfig.from_dict(model_config(assets["whisper"], assets["llm"], "names", names=names))
+    m = SpeechLLM.build(cfg)
+    assert sorted(m.llm_trainable_names()) == sorted(names)
+    with torch.no_grad():  # stand-in for training: move the trainable tensors
+        for _, p in m.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    paths = [str(p) for p in assets["paths"]]
+    before = m.transcribe(paths, max_new_tokens=8)
+    m.save_pretrained(tmp_path / "model")
+    files = sorted(os.listdir(tmp_path / "model"))
+    assert files == ["adaptor.safetensors", "llm_delta", "speech_config.json"]
+    delta = json.loads((tmp_path / "model" / "llm_delta" / "delta.json").read_text())
+    assert sorted(delta["names"]) == sorted(names)
+    loaded = SpeechLLM.from_pretrained(tmp_path / "model")
+    assert loaded.transcribe(paths, max_new_tokens=8) == before
+    for name in names:
+        torch.testing.assert_close(dict(loaded.llm.named_parameters())[name], dict(m.llm.named_parameters())[name], rtol=0, atol=0)
+    # text-only use (forgetting evaluation): no encoder needed, same LLM weights
+    text_only = SpeechLLM.from_pretrained(tmp_path / "model", load_encoder=False)
+    assert text_only.encoder is None
+    for name in names:
+        assert torch.equal(dict(text_only.llm.named_parameters())[name], dict(m.llm.named_parameters())[name])
+    with pytest.raises(ConditumeError, match="adaptor"):
+        SpeechLLM.from_pretrained(tmp_path / "model").load_trained_state(tmp_path)
+
+
+def test_lora_mode_trains_only_adapters(assets, tmp_path):
+    cfg = SpeechLLMConfig.from_dict(model_config(assets["whisper"], assets["llm"], "lora",
+                                                 lora={"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}))
+    m = SpeechLLM.build(cfg)
+    names = m.llm_trainable_names()
+    assert names and all("lora_" in n for n in names)
+    with torch.no_grad():
+        for n, p in m.llm.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.3)
+    before = m.transcribe([str(p) for p in assets["paths"][:2]], max_new_tokens=5)
+    m.save_pretrained(tmp_path / "lora")
+    loaded = SpeechLLM.from_pretrained(tmp_path / "lora")
+    assert loaded.transcribe([str(p) for p in assets["paths"][:2]], max_new_tokens=5) == before
+
+
+def test_unknown_selected_name_is_a_user_error(assets):
+    cfg = SpeechLLMConfig.from_dict(model_config(assets["whisper"], assets["llm"], "names", names=["model.nope.weight"]))
+    with pytest.raises(ConditumeError):
+        SpeechLLM.build(cfg)
+
+
+# ---------------------------------------------------------------- feature cache
+
+
+def test_feature_cache_skips_encoder_second_time(model, assets, tmp_path, monkeypatch):
+    from conditune.speech.features import FeatureCache
+
+    paths = assets["paths"][:3]
+    first = FeatureCache(model.encoder, tmp_path / "cache").get(paths)
+    files = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 3 and not list((tmp_path / "cache").rglob("*.tmp"))
+
+    def boom(*a, **k):
+        raise AssertionError("encoder called despite the cache")
+
+    monkeypatch.setattr(model.encoder, "encode", boom)
+    cache = FeatureCache(model.encoder, tmp_path / "cache", memory=False)
+    again = cache.get(paths)
+    assert cache.hits == 3 and cache.misses == 0
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert cache.length(paths[1]) == first[1].shape[0]
+
+
+# ---------------------------------------------------------------- CTranslate2 with the real whisper-base
+
+
+@pytest.mark.slow
+def test_ct2_whisper_base_encoder():
+    pytest.importorskip("ctranslate2")
+    from conditune import models
+    from conditune.speech.encoders import CT2WhisperEncoder
+
+    if not models.is_installed("whisper-base"):
+        pytest.skip("whisper-base not installed (conditune models fetch whisper-base)")
+    enc = CT2WhisperEncoder(EncoderConfig(backend="ct2", path=str(models.model_path("whisper-base")), threads=1))
+    assert enc.dim == 512 and enc.n_mels == 80
+    waves = [tone(1.0, 440, 0), tone(2.37, 300, 1)]
+    frames, lengths = enc.encode(waves)
+    assert lengths.tolist() == [math.ceil(16000 / 320), math.ceil(2.37 * 16000 // 160 / 2)]
+    assert frames.shape == (2, int(lengths.max()), 512) and torch.isfinite(frames).all()
+    alone, _ = enc.encode([waves[0]])
+    torch.testing.assert_close(alone[0], frames[0, : lengths[0]], rtol=1e-4, atol=1e-4)
+    assert float(frames[0, : lengths[0]].std()) > 0.05  # real activations, not zeros
