@@ -78,8 +78,11 @@ def test_chunked_matrix_equals_whole(monkeypatch):
     monkeypatch.setattr(spectrum.TallMatrix, "KEEP_BYTES", 0)
     monkeypatch.setattr(spectrum.TallMatrix, "CHUNK_BYTES", 8 * 400 * 128)  # 128-row chunks
     chunked = analyse_matrix(w)
-    assert chunked.kappa == pytest.approx(whole.kappa, rel=1e-9)
-    assert chunked.log2_volume == pytest.approx(whole.log2_volume, rel=1e-9)
+    assert chunked.method == whole.method
+    assert chunked.kappa == pytest.approx(whole.kappa, rel=1e-9)  # refined against A in float64
+    # log-volume comes from the Gram's Cholesky factor; chunked accumulation rounds differently
+    # (float32 Gram here: ~1e-7 relative per eigenvalue)
+    assert chunked.log2_volume == pytest.approx(whole.log2_volume, rel=1e-6)
 
 
 def test_full_spectrum_and_rank_deficiency():

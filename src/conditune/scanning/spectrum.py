@@ -37,7 +37,7 @@ EPS64 = float(np.finfo(np.float64).eps)
 SMALL_SIDE = 384
 # Climb the precision ladder (float32 Gram -> float64 Gram -> QR) while the error bound of the
 # refined extremes exceeds this. Measured float64 Gram rounding on sigma_min: ~1.6e-18 kappa^2.
-GRAM_REL_ERR_LIMIT = 1e-7
+GRAM_REL_ERR_LIMIT = 1e-6
 # Matrices at most this square (min side / max side) try a float32 Gram first: their kappa is
 # usually small, and float32 halves the dominant cost.
 RECTANGULAR_RATIO = 0.75
@@ -132,26 +132,20 @@ class TallMatrix:
         """||A v|| in float64."""
         return math.sqrt(sum(float(np.sum((chunk @ v) ** 2)) for chunk in self.chunks()))
 
-    def frobenius(self) -> float:
-        """Frobenius norm, or :class:`MatrixProblem` for NaN/Inf and all-zero matrices."""
-        total, bad = 0.0, 0
-        for chunk in self.chunks():
-            square_sum = float(np.sum(chunk * chunk))
-            if not math.isfinite(square_sum):
-                bad += int(np.count_nonzero(~np.isfinite(chunk)))
-            total += square_sum
+    def check_finite(self) -> None:
+        """:class:`MatrixProblem` for NaN/Inf (counted) and all-zero matrices."""
+        bad = sum(int(np.count_nonzero(~np.isfinite(chunk))) for chunk in self.chunks())
         if bad:
             raise MatrixProblem(f"{bad} NaN/Inf values")
-        if total == 0.0:
+        if not any(np.any(chunk) for chunk in self.chunks()):
             raise MatrixProblem("all zero")
-        return math.sqrt(total)
 
 
 def _analyse_cpu(a: TallMatrix, full_spectrum: bool) -> Spectrum:
-    frob = a.frobenius()
     shape = (a.m, a.n)
     if full_spectrum or a.n <= SMALL_SIDE:
-        return _svd(a, frob, keep=full_spectrum)
+        a.check_finite()
+        return _svd(a, keep=full_spectrum)
     # Precision ladder: a float32 Gram first where kappa is likely small (rectangular shapes), float64
     # next, QR last; each rung is taken only when the one below measurably moved sigma_min.
     ladder = (np.float32, np.float64) if a.n <= RECTANGULAR_RATIO * a.m else (np.float64,)
@@ -163,22 +157,24 @@ def _analyse_cpu(a: TallMatrix, full_spectrum: bool) -> Spectrum:
         if estimate is None:
             # Not numerically positive definite even in float64: rank-deficient or kappa beyond
             # ~1e7. Only an SVD can tell.
-            return _svd(a, frob)
+            return _svd(a)
         r = sla.qr(a.dense(), mode="r", check_finite=False)[0][: a.n]
         bottom = lanczos_extremes(_triangular_inverse_operator(r))
         sigma_max, _, _, err = estimate
         sigma_min, log2_vol = 1.0 / math.sqrt(bottom.value), float(np.sum(np.log2(np.abs(np.diag(r)))))
         # The operator is exact here (R from a backward-stable QR): the Lanczos residual is the bound.
-        estimate = (sigma_max, sigma_min, log2_vol, {"bound": err["bound"] + 0.5 * bottom.residual, "method": "qr"})
+        estimate = (sigma_max, sigma_min, log2_vol, {**err, "bound": err["bound"] + 0.5 * bottom.residual, "method": "qr"})
     sigma_max, sigma_min, log2_vol, err = estimate
     if sigma_min <= _tolerance(sigma_max, shape):
-        return _svd(a, frob)
+        return _svd(a)
     rel_err = err["bound"] + backward_error_bound(a.m, a.n, sigma_max / sigma_min)
-    return Spectrum(sigma_max, sigma_min, a.n, log2_vol, frob, rel_err, err["method"])
+    return Spectrum(sigma_max, sigma_min, a.n, log2_vol, err["frobenius"], rel_err, err["method"])
 
 
-def _svd(a: TallMatrix, frob: float, keep: bool = False) -> Spectrum:
-    return spectrum_from_singular_values(sla.svdvals(a.dense(), check_finite=False), (a.m, a.n), frob, "svd", keep=keep)
+def _svd(a: TallMatrix, keep: bool = False) -> Spectrum:
+    s = sla.svdvals(a.dense(), check_finite=False)
+    frob = float(np.sqrt(np.sum(s.astype(np.float64) ** 2)))
+    return spectrum_from_singular_values(s, (a.m, a.n), frob, "svd", keep=keep)
 
 
 def _gram_estimate(a: TallMatrix, dtype) -> tuple[float, float, float, dict] | None:
@@ -189,7 +185,12 @@ def _gram_estimate(a: TallMatrix, dtype) -> tuple[float, float, float, dict] | N
     in float64 (:func:`_refine`): the Rayleigh quotient removes G's rounding to first order, and the
     residual bounds what is left.
     """
-    gram = a.gram(dtype)
+    # Only forming G (the m n^2 part) runs in ``dtype``; Cholesky and Lanczos work on its float64
+    # copy (mixed-dtype products would upcast the whole matrix at every Lanczos step).
+    gram = a.gram(dtype).astype(np.float64, copy=False)
+    trace = float(np.trace(gram))  # = ||A||_F^2; NaN/Inf in A propagate here
+    if not math.isfinite(trace) or trace == 0.0:
+        a.check_finite()  # raises with the reason (and the count)
     try:
         chol = sla.cholesky(gram, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
@@ -204,7 +205,8 @@ def _gram_estimate(a: TallMatrix, dtype) -> tuple[float, float, float, dict] | N
     sigma_max, err_max = _refine(a, top.vector, top_gap)
     sigma_min, err_min = _refine(a, bottom.vector, bottom_gap)
     method = "gram" if dtype == np.float64 else "gram32"
-    return sigma_max, sigma_min, log2_vol, {"bound": err_max + err_min, "method": method}
+    frobenius = math.sqrt(trace)  # from a float32 Gram: ~1e-7 relative
+    return sigma_max, sigma_min, log2_vol, {"bound": err_max + err_min, "method": method, "frobenius": frobenius}
 
 
 def _refine(a: TallMatrix, v: np.ndarray, relative_gap: float | None) -> tuple[float, float]:
@@ -300,7 +302,7 @@ def lanczos_extremes(op: LinearOperator) -> RitzPair:
     v0 = np.random.default_rng(n).standard_normal(n)  # deterministic start: reproducible scans
     k = 2 if n > 2 else 1
     try:
-        values, vectors = eigsh(op, k=k, which="LA", v0=v0, tol=LANCZOS_TOL, ncv=min(n, 24), maxiter=50 * n)
+        values, vectors = eigsh(op, k=k, which="LA", v0=v0, tol=LANCZOS_TOL, ncv=min(n, 64), maxiter=50 * n)
     except ArpackNoConvergence as exc:  # keep the best Ritz pair; its residual says how good it is
         if not len(exc.eigenvalues):
             raise

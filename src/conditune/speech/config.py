@@ -55,6 +55,8 @@ class LoRAConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module regex -> rank (PEFT's rank_pattern)
+    alpha_pattern: dict[str, int] = field(default_factory=dict)  # module regex -> alpha
 
 
 @dataclass

@@ -125,9 +125,14 @@ def apply_trainable(llm: nn.Module, config: SpeechLLMConfig, *, for_training: bo
 
         lc = config.trainable.lora
         peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
-                              task_type="CAUSAL_LM", bias="none")
+                              task_type="CAUSAL_LM", bias="none", rank_pattern=dict(lc.rank_pattern or {}),
+                              alpha_pattern=dict(lc.alpha_pattern or {}))
         try:
-            return get_peft_model(llm, peft_cfg)
+            # LoRA's own initialisation must not shift the global RNG: the adaptor built next (and the
+            # dropout masks of training) then start from the same state whatever the trainable mode,
+            # which `conditune experiment` relies on to compare modes on an identical footing.
+            with torch.random.fork_rng(devices=[]):
+                return get_peft_model(llm, peft_cfg)
         except ValueError as exc:
             raise ConditumeError(f"LoRA: {str(exc).splitlines()[0]}") from None
     if mode == "names":

@@ -8,6 +8,11 @@ warmup + cosine/linear decay, gradient clipping and accumulation under an ``acce
 logs metrics to ``metrics.jsonl`` (and TensorBoard when installed), and stops at ``max_steps`` or after
 ``max_seconds`` of wall-clock time, whichever comes first.
 
+Hooks for experiments (``conditune experiment``): ``eval_hook(step, model)`` runs at every evaluation
+(``eval_every`` steps and the end) and its metrics join the ``eval`` record in ``metrics.jsonl``; every
+``train`` record carries ``data_sha``, a hash chained over the example ids of every batch consumed so
+far (kept in checkpoints), so two runs that saw the same batches in the same order have equal hashes.
+
 Resuming (``resume=True``) restores model, optimizer, scheduler, RNG states and the data position
 (epoch, batch index) of the latest checkpoint: the losses that follow are the ones an uninterrupted run
 would have produced.
@@ -15,6 +20,7 @@ would have produced.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -47,6 +53,9 @@ class TrainResult:
     tokens_per_second: float = 0.0  # LLM positions (audio + text) processed per second
     train_utterances: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    trainable_params: int = 0  # adaptor + LLM
+    trainable_llm_params: int = 0
+    data_sha: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,7 +64,8 @@ class TrainResult:
             "final_loss": self.losses[max(self.losses)] if self.losses else None, "eval": self.eval,
             "elapsed_s": round(self.elapsed_s, 3), "seconds_per_step": round(self.seconds_per_step, 4),
             "tokens_per_second": round(self.tokens_per_second, 1), "train_utterances": self.train_utterances,
-            "skipped": self.skipped,
+            "skipped": self.skipped, "trainable_params": self.trainable_params,
+            "trainable_llm_params": self.trainable_llm_params, "data_sha": self.data_sha,
         }
 
 
@@ -256,13 +266,21 @@ class _encode_progress:
 # ---------------------------------------------------------------------------------------------- train
 
 
+def chain_data_sha(previous: str, ids: Sequence[str]) -> str:
+    """The data hash after one more batch: sha256 over the previous hash and the batch's example ids."""
+    return hashlib.sha256((previous + "\n" + "\t".join(ids)).encode()).hexdigest()
+
+
 def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path = False, stop_after_steps: int | None = None,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None,
+          eval_hook: Callable[[int, Any], dict[str, Any] | None] | None = None) -> TrainResult:
     """Train (or resume training) a speech LLM as ``config`` says; see the module docstring.
 
     ``resume``: True for the latest checkpoint in ``train.output_dir``, or a checkpoint folder.
     ``stop_after_steps``: end the process-like run after this many optimizer steps *without* saving
     anything (used to simulate a kill in tests); the schedule still spans ``max_steps``.
+    ``eval_hook(step, model)``: extra metrics (a flat dict of numbers) at every evaluation, written into
+    the same ``eval`` record of ``metrics.jsonl`` (the model is the unwrapped :class:`SpeechLLM`).
     """
     from accelerate.utils import set_seed
 
@@ -336,7 +354,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
     core = accelerator.unwrap_model(model)
 
     metrics = MetricsLog(out, t.tensorboard)
-    step, epoch, batch_index, tokens_seen, prior_elapsed = 0, 0, 0, 0, 0.0
+    step, epoch, batch_index, tokens_seen, prior_elapsed, data_sha = 0, 0, 0, 0, 0.0, ""
     if resume_from is not None:
         state = ckpt.read_trainer_state(resume_from)
         core.load_trained_state(resume_from)
@@ -344,6 +362,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
         scheduler.load_state_dict(ckpt.load_torch(resume_from / "scheduler.pt"))
         step, epoch, batch_index = int(state["step"]), int(state["epoch"]), int(state["batch_index"])
         tokens_seen, prior_elapsed = int(state.get("tokens_seen", 0)), float(state.get("elapsed_s", 0.0))
+        data_sha = str(state.get("data_sha", ""))
         metrics.truncate_after(step)
         ckpt.set_rng_state(ckpt.load_torch(resume_from / "rng.pt"))
         log(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batch_index})")
@@ -356,23 +375,34 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
     def trainer_state() -> dict[str, Any]:
         return {"step": step, "epoch": epoch, "batch_index": batch_index, "total_steps": total_steps,
                 "tokens_seen": tokens_seen, "elapsed_s": prior_elapsed + (time.monotonic() - wall_start),
-                "batches_per_epoch": batches_per_epoch}
+                "batches_per_epoch": batches_per_epoch, "data_sha": data_sha}
 
     def save() -> Path:
         return ckpt.save_checkpoint(out, step, core, optimizer, scheduler, trainer_state(), config_yaml, t.keep_last)
 
     def run_eval() -> dict[str, Any] | None:
-        if not dev_ex:
+        if not dev_ex and eval_hook is None:
             return None
-        res = evaluate_examples(core, dev_ex, cache, batch_size=t.eval_batch, num_beams=t.num_beams,
-                                max_new_tokens=t.max_new_tokens, autocast=accelerator.autocast)
-        wer = {k: v for k, v in res["wer"].items() if k != "counts"}
-        metrics.write({"kind": "eval", "step": step, **{f"wer_{k}": v for k, v in wer.items()}})
-        atomic_write_text(out / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in res["predictions"]))
-        log(f"step {step}: dev WER " + ", ".join(f"{k} {v:.2f}" for k, v in wer.items()))
-        return res["wer"]
+        record: dict[str, Any] = {"kind": "eval", "step": step}
+        wer_result = None
+        if dev_ex:
+            res = evaluate_examples(core, dev_ex, cache, batch_size=t.eval_batch, num_beams=t.num_beams,
+                                    max_new_tokens=t.max_new_tokens, autocast=accelerator.autocast)
+            wer = {k: v for k, v in res["wer"].items() if k != "counts"}
+            record.update({f"wer_{k}": v for k, v in wer.items()})
+            atomic_write_text(out / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in res["predictions"]))
+            log(f"step {step}: dev WER " + ", ".join(f"{k} {v:.2f}" for k, v in wer.items()))
+            wer_result = res["wer"]
+        if eval_hook is not None:
+            with accelerator.autocast():
+                extra = eval_hook(step, core) or {}
+            record.update(extra)
+        metrics.write(record)
+        return wer_result
 
-    result = TrainResult(out, None, step, total_steps, "max_steps", train_utterances=len(train_ex), skipped=skipped)
+    result = TrainResult(out, None, step, total_steps, "max_steps", train_utterances=len(train_ex), skipped=skipped,
+                         trainable_params=sum(p.numel() for p in core.parameters() if p.requires_grad),
+                         trainable_llm_params=sum(p.numel() for p in core.llm.parameters() if p.requires_grad))
     bar = _progress(t.progress, total_steps, step)
     model.train()
     batches = epoch_batches(epoch)
@@ -389,6 +419,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
                     batches = epoch_batches(epoch)
                 idx = batches[batch_index]
                 batch_index += 1
+                data_sha = chain_data_sha(data_sha, [str(train_ex[i].audio) for i in idx])
                 frames, lengths = pad_frames(cache.get([train_ex[i].audio for i in idx]))
                 out_ = model(frames, lengths, [train_ex[i].tokens for i in idx])
                 accelerator.backward(out_.loss / t.grad_accum)
@@ -411,7 +442,8 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
             if step % max(1, t.log_every) == 0 or step == total_steps:
                 elapsed = time.monotonic() - loop_start
                 metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": window_loss / window_steps,
-                               **_learning_rates(optimizer), "tokens_per_s": run_tokens / max(elapsed, 1e-9),
+                               **_learning_rates(optimizer), "data_sha": data_sha,
+                               "tokens_per_s": run_tokens / max(elapsed, 1e-9),
                                "elapsed_s": round(prior_elapsed + time.monotonic() - wall_start, 3)})
                 window_loss, window_steps = 0.0, 0
             if stop_after_steps is not None and run_steps >= stop_after_steps and step < total_steps:
@@ -432,6 +464,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
 
     loop_elapsed = time.monotonic() - loop_start
     result.step = step
+    result.data_sha = data_sha
     result.seconds_per_step = loop_elapsed / max(run_steps, 1)
     result.tokens_per_second = run_tokens / max(loop_elapsed, 1e-9)
     if result.stopped == "stop_after_steps":  # a simulated kill: nothing more is written

@@ -1,0 +1,151 @@
+"""``conditune experiment``: identical footing across arms, matched LoRA counts, outputs, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from speech_helpers import make_corpus, make_tiny_llm, make_tiny_whisper
+
+from conditune.errors import ConditumeError
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    import os
+
+    root = tmp_path_factory.mktemp("experiment")
+    os.environ["CONDITUNE_HOME"] = str(root / "home")  # the scan cache goes here, not into the user's home
+    whisper = make_tiny_whisper(root / "whisper")
+    llm = make_tiny_llm(root / "llm")
+    manifest, _ = make_corpus(root / "data")
+    heldout = {}
+    for lang, lines in {"en": ["good morning to you", "open the window please"], "de": ["yes now", "turn right"]}.items():
+        heldout[lang] = root / "data" / f"heldout_text.{lang}.txt"
+        heldout[lang].write_text("\n".join(lines) + "\n")
+    return {"root": root, "whisper": whisper, "llm": llm, "manifest": manifest, "heldout": heldout, "cache": root / "features"}
+
+
+def _config(assets, arms, seeds=(0, 1), **train) -> dict:
+    return {
+        "experiment": {"arms": list(arms), "seeds": list(seeds), "count": 4,
+                       "heldout_text": {k: str(v) for k, v in assets["heldout"].items()},
+                       "instructions": {"en": ["open the door"], "de": ["good morning"]}, "agreement_new_tokens": 4,
+                       "max_tokens": 16},
+        "model": {"encoder": {"backend": "hf", "path": str(assets["whisper"])}, "llm": {"path": str(assets["llm"])},
+                  "adaptor": {"subsample": 4, "depth": 1, "heads": 4, "dropout": 0.1}},
+        "data": {"train": str(assets["manifest"]), "dev": str(assets["manifest"]), "max_batch": 2,
+                 "feature_cache": str(assets["cache"])},
+        "train": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 4, "eval_every": 2, "log_every": 1, "progress": False,
+                  "tensorboard": False, "max_new_tokens": 6, **train},
+    }
+
+
+def _train_records(out, arm, seed):
+    path = out / "runs" / arm / f"seed{seed}" / "train" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lora_arms_match_lowest_kappa_count(assets):
+    from conditune.experiment.arms import load_scan, plan_arms
+    from conditune.experiment.config import load_experiment_config
+    from conditune.speech.config import SpeechLLMConfig
+    from conditune.speech.modeling import SpeechLLM
+
+    cfg = load_experiment_config(_config(assets, ["lowest-kappa", "lora", "kappa-lora", "random", "highest-kappa"]))
+    records, meta = load_scan(cfg)
+    plans = plan_arms(cfg, records, seed=0, meta=meta)
+    target = plans["lowest-kappa"].llm_params
+    assert len(plans["lowest-kappa"].names) == 4 and set(plans["lowest-kappa"].names).isdisjoint(plans["highest-kappa"].names)
+    for arm in ("lora", "kappa-lora"):
+        assert abs(plans[arm].llm_params / target - 1) <= 0.05, (arm, plans[arm].llm_params, target)
+    assert plans["random"].names != plan_arms(cfg, records, seed=1, meta=meta)["random"].names  # seeded per seed
+    base = cfg.train_data["model"]
+    for arm in ("lowest-kappa", "lora", "kappa-lora"):  # counts from shapes == counts of the built model
+        model = SpeechLLM.build(SpeechLLMConfig.from_dict({**base, "trainable": plans[arm].trainable}))
+        assert sum(p.numel() for p in model.llm.parameters() if p.requires_grad) == plans[arm].llm_params, arm
+
+
+def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
+    from conditune.experiment import run_experiment
+
+    out = tmp_path / "exp"
+    result = run_experiment(_config(assets, ["lowest-kappa", "lora"]), out)
+    assert sorted(result["ran"]) == [("lora", 0), ("lora", 1), ("lowest-kappa", 0), ("lowest-kappa", 1)]
+    for name in ("results.csv", "summary.md", "wer_over_steps.png", "forgetting_over_steps.png", "wer_vs_forgetting.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+    # identical footing: same batches, learning rates and initial loss (same init) for every arm of a seed
+    for seed in (0, 1):
+        a, b = _train_records(out, "lowest-kappa", seed), _train_records(out, "lora", seed)
+        ta, tb = [r for r in a if r["kind"] == "train"], [r for r in b if r["kind"] == "train"]
+        assert [r["data_sha"] for r in ta] == [r["data_sha"] for r in tb]
+        assert [r["lr"] for r in ta] == [r["lr"] for r in tb]
+        assert [r["llm_lr"] for r in ta] == [r["llm_lr"] for r in tb]
+        assert ta[0]["loss"] == pytest.approx(tb[0]["loss"], rel=1e-5)  # LoRA starts as the identity
+        assert [r["step"] for r in a if r["kind"] == "eval"] == [r["step"] for r in b if r["kind"] == "eval"] == [2, 4]
+    assert _train_records(out, "lowest-kappa", 0)[-2]["data_sha"] != _train_records(out, "lowest-kappa", 1)[-2]["data_sha"]
+
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0] == "arm,seed,step,metric,value"
+    metrics = {r.split(",")[3] for r in rows[1:]}
+    assert {"wer_all", "wer_en", "wer_de", "kl_en", "ppl_change_de", "agreement_en", "kl", "ppl_change", "agreement",
+            "trainable_llm_params", "wall_s"} <= metrics
+    summary = (out / "summary.md").read_text()
+    assert "| lowest-kappa | 2 |" in summary and "| lora | 2 |" in summary
+    assert "batch order identical" in summary and "DIFFERS" not in summary and "pooled std" in summary
+
+    # a re-run retrains nothing; adding an arm trains only that arm
+    marks = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/done.json")}
+    metrics_before = {p: p.read_bytes() for p in out.glob("runs/*/seed*/train/metrics.jsonl")}
+    again = run_experiment(_config(assets, ["lowest-kappa", "lora"]), out)
+    assert again["ran"] == [] and len(again["skipped"]) == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/done.json")} == marks
+    assert {p: p.read_bytes() for p in out.glob("runs/*/seed*/train/metrics.jsonl")} == metrics_before
+    more = run_experiment(_config(assets, ["lowest-kappa", "lora", "adaptor-only"], seeds=[0]), out)
+    assert more["ran"] == [("adaptor-only", 0)]
+    first = [r for r in _train_records(out, "adaptor-only", 0) if r["kind"] == "train"]
+    assert first[0]["data_sha"] == _train_records(out, "lowest-kappa", 0)[0]["data_sha"]
+    # a different configuration in the same folder is refused
+    with pytest.raises(ConditumeError, match="another configuration"):
+        run_experiment(_config(assets, ["lowest-kappa"], max_steps=6), out)
+
+
+def test_killed_run_resumes_to_the_same_result(assets, tmp_path, monkeypatch):
+    import conditune.training.trainer as trainer
+    from conditune.experiment import run_experiment
+
+    ref = tmp_path / "ref"
+    run_experiment(_config(assets, ["lowest-kappa"], seeds=[0]), ref)
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: real(*a, **{**k, "stop_after_steps": 3}))
+    out = tmp_path / "killed"
+    with pytest.raises(ConditumeError, match="stopped early"):
+        run_experiment(_config(assets, ["lowest-kappa"], seeds=[0]), out)
+    monkeypatch.setattr(trainer, "train", real)
+    logs = []
+    result = run_experiment(_config(assets, ["lowest-kappa"], seeds=[0]), out, log=logs.append)
+    assert result["ran"] == [("lowest-kappa", 0)] and any("resuming" in m for m in logs)
+    a, b = _train_records(ref, "lowest-kappa", 0), _train_records(out, "lowest-kappa", 0)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.get("loss") == pytest.approx(rb.get("loss"), rel=1e-5) if "loss" in ra else True
+        assert ra.get("kl") == pytest.approx(rb.get("kl"), rel=1e-4, abs=1e-7) if "kl" in ra else True
+
+
+def test_bad_config_is_one_line_error(assets, tmp_path, capsys):
+    from conditune.cli import main
+
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(_config(assets, ["lowest-kappa"])))
+    for override in ("experiment.arms=[lowest-kappa,bogus]", "experiment.count=0", "experiment.seeds=[0,0]",
+                     "experiment.lora_rank=big", "train.max_seconds=60", "experiment.colour=red"):
+        assert main(["experiment", str(path), "--output", str(tmp_path / "o"), override]) == 1, override
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, (override, err)
+    assert main(["experiment", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "o")]) == 1
