@@ -94,7 +94,7 @@ def test_plan_sizes_follow_budget():
 def test_data_stage_cached_by_settings(tmp_path):
     pytest.importorskip("soundfile")
     from conditune.data.synth import available_engines
-    from conditune.demo import DemoOptions, Sizes, _Console, stage_data
+    from conditune.demo import Sizes, _Console, stage_data
 
     try:
         available_engines(None)

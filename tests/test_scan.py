@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ from _tiny_gguf import write_tiny_gguf
 from _tiny_llama import save_tiny_llama
 from conditune.cli import main
 from conditune.scanning import analyse_matrix, open_source, read_records, scan_source, write_records
-from conditune.scanning.records import TensorRecord, parse_name
+from conditune.scanning.records import parse_name
 from conditune.scanning.scanner import assign_work
 from conditune.scanning.sources import TensorInfo
 from conditune.scanning.spectrum_torch import analyse_matrix_torch
@@ -79,7 +78,9 @@ def test_chunked_matrix_equals_whole(monkeypatch):
     monkeypatch.setattr(spectrum.TallMatrix, "CHUNK_BYTES", 8 * 400 * 128)  # 128-row chunks
     chunked = analyse_matrix(w)
     assert chunked.method == whole.method
-    assert chunked.kappa == pytest.approx(whole.kappa, rel=1e-9)  # refined against A in float64
+    # both are within their own error bounds of the truth, so within the sum of each other
+    assert abs(chunked.kappa - whole.kappa) <= (chunked.kappa_rel_err + whole.kappa_rel_err) * whole.kappa
+    assert chunked.kappa_rel_err < 1e-5
     # log-volume comes from the Gram's Cholesky factor; chunked accumulation rounds differently
     # (float32 Gram here: ~1e-7 relative per eigenvalue)
     assert chunked.log2_volume == pytest.approx(whole.log2_volume, rel=1e-6)

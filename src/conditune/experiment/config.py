@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 from conditune.errors import ConditumeError
 
@@ -110,20 +109,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def load_experiment_config(path: str | Path | dict, overrides: Sequence[str] | dict[str, Any] = ()) -> ExperimentConfig:
     from conditune.speech.config import build_dataclass
-    from conditune.training.config import apply_overrides, parse_overrides
+    from conditune.training.config import apply_overrides, parse_overrides, read_config_file
 
-    if isinstance(path, dict):
-        data = copy.deepcopy(path)
-    else:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConditumeError(f"config file {path} not found") from None
-        except yaml.YAMLError as exc:
-            raise ConditumeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-        if not isinstance(data, dict):
-            raise ConditumeError(f"{path}: expected a mapping with experiment/model/data/train sections")
+    data = copy.deepcopy(path) if isinstance(path, dict) else read_config_file(path, "experiment/model/data/train")
     if not isinstance(overrides, dict):
         overrides = parse_overrides(overrides)
     data = apply_overrides(data, overrides)

@@ -14,14 +14,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
-import numpy as np
 import torch
 
 from conditune import __version__
 from conditune.scanning.cache import ScanCache, cache_key
-from conditune.scanning.records import FLAGGED, OK, SKIPPED, TensorRecord
+from conditune.scanning.records import FLAGGED, SKIPPED, TensorRecord
 from conditune.scanning.sources import TensorInfo, TensorSource, iter_matrices, open_source
 from conditune.scanning.spectrum import MatrixProblem, analyse_matrix
 from conditune.theory.quantities import effective_rank, entropy_bits, kappa_random, stable_rank

@@ -133,18 +133,22 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return data
 
 
+def read_config_file(path: str | Path, sections: str = "model/data/train") -> dict[str, Any]:
+    """A YAML config file as a dict; a missing, malformed or non-mapping file is a one-line error."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConditumeError(f"config file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConditumeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise ConditumeError(f"{path}: expected a mapping with {sections} sections")
+    return data
+
+
 def load_train_config(path: str | Path | None, overrides: Sequence[str] | dict[str, Any] = ()) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConditumeError(f"config file {path} not found") from None
-        except yaml.YAMLError as exc:
-            raise ConditumeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-        if not isinstance(data, dict):
-            raise ConditumeError(f"{path}: expected a mapping with model/data/train sections")
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     if not isinstance(overrides, dict):
         overrides = parse_overrides(overrides)
     return TrainConfig.from_dict(apply_overrides(data, overrides))
