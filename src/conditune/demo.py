@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from conditune.errors import ConditumeError
-from conditune.io import atomic_write, atomic_write_json, atomic_write_text
+from conditune.io import atomic_write, atomic_write_json, atomic_write_text, read_jsonl
 
 # Measured on the 2-core reference machine (see docs/demo.md); used to size the data set and the reserve.
 SYNTH_S_PER_UTT = 0.22  # espeak-ng / flite, one job per core
@@ -355,17 +355,6 @@ def stage_evaluate(con: _Console, final_dir: Path, config, speech: dict[str, Pat
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -380,7 +369,7 @@ def plot_training(metrics_file: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _read_metrics(metrics_file)
+    rows = read_jsonl(metrics_file)
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

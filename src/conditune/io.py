@@ -56,3 +56,16 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """All JSON lines of a file (none if it is missing); a line cut short by a kill is skipped."""
+    path = Path(path)
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows

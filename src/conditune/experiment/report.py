@@ -10,22 +10,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from conditune.io import atomic_write, atomic_write_text
+from conditune.io import atomic_write, atomic_write_text, read_jsonl
 
 SUMMARY_METRICS = [("ppl_change", "ppl change", "{:+.3f}"), ("kl", "KL(base‖adapted)", "{:.4f}"),
                    ("agreement", "agreement", "{:.3f}")]
 NOISE_METRICS = ["wer_all", "ppl_change", "kl", "agreement"]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-    return rows
 
 
 def collect(output: Path, arms: list[str], seeds: list[int]) -> dict[tuple[str, int], dict[str, Any]]:
