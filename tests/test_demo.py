@@ -175,3 +175,13 @@ def test_demo_end_to_end_real_models(tmp_path, monkeypatch):
     assert len(read_names(out / "selected_names.txt")) == 100
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
     assert "| en |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("minutes", ["0", "2"])
+def test_demo_bad_budget_is_one_line_error(tmp_path, capsys, minutes):
+    from conditune.cli import main
+
+    assert main(["demo", "--output", str(tmp_path / "d"), "--minutes", minutes, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --minutes") and len(err.splitlines()) == 1
+    assert not (tmp_path / "d" / "metrics.json").exists()
