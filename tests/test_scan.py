@@ -58,7 +58,10 @@ def test_kappa_matches_float64_svd(dtype, shape, kappa):
         error = abs(result.kappa - ref_kappa) / ref_kappa
         assert error < ACCURACY, (result.method, error)
         assert error <= result.kappa_rel_err  # the reported bound holds
-        assert abs(result.log2_volume - ref_volume) < 1e-6 * abs(ref_volume) + 1e-6
+        # the log-volume comes from the Cholesky factor of the Gram matrix: a float32 Gram ("gram32")
+        # carries float32 rounding into it (measured up to 1.2e-6 relative, BLAS-dependent); float64: 1e-6
+        volume_tol = 1e-5 if result.method == "gram32" else 1e-6
+        assert abs(result.log2_volume - ref_volume) < volume_tol * abs(ref_volume) + 1e-6
 
 
 def test_methods_cover_the_precision_ladder():

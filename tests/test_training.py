@@ -181,6 +181,119 @@ def test_wall_clock_budget_stops_with_a_checkpoint(assets, tmp_path):
     assert result.final_dir.is_dir()
 
 
+def test_alignment_stage_trains_only_the_adaptor_then_the_llm(assets, tmp_path):
+    from conditune.speech.config import SpeechLLMConfig
+    from conditune.speech.modeling import SpeechLLM
+
+    names = ["model.layers.0.mlp.up_proj.weight"]
+    cfg = _config(assets, tmp_path / "align", mode="names", model_extra={"names": names}, max_steps=2, align_steps=30,
+                  align_lr=1e-2, warmup_steps=0, log_every=1)
+    base = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg["model"]), for_training=False)
+    before = base.llm.state_dict()[names[0]].clone()
+    stopped = train(cfg, stop_after_steps=30)  # the whole alignment stage, nothing of the main one
+    assert stopped.step == 30
+    # CTC-only steps: the loss falls, the learning rate is align_lr, and the records say which phase
+    assert stopped.losses[30] < 0.7 * stopped.losses[1]
+    records = [json.loads(x) for x in (tmp_path / "align" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in records} == {"align"} and records[5]["lr"] == pytest.approx(1e-2)
+    full = train({**cfg, "train": {**cfg["train"], "overwrite": True}})
+    assert full.step == 32
+    trained = SpeechLLM.from_pretrained(full.final_dir)
+    assert not torch.equal(trained.llm.state_dict()[names[0]], before)  # the main steps do train the LLM
+    main = [json.loads(x) for x in (tmp_path / "align" / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [r["phase"] for r in main][-2:] == ["main", "main"] and main[-2]["lr"] == pytest.approx(1.5e-3)  # lr after step 31: half-way down the 2-step cosine from 3e-3
+
+
+def test_alignment_steps_leave_the_llm_untouched(assets, tmp_path):
+    from conditune.speech.modeling import SpeechLLM, load_llm
+
+    cfg = _config(assets, tmp_path / "ckpt", mode="all", max_steps=1, align_steps=3, lr=1e-2, save_every=3,
+                  warmup_steps=0)
+    train(cfg)
+    base = load_llm(SpeechLLM.from_pretrained(tmp_path / "ckpt" / "final").config.llm).state_dict()
+    aligned = SpeechLLM.from_pretrained(tmp_path / "ckpt" / "checkpoints" / "step-00000003").llm.state_dict()
+    final = SpeechLLM.from_pretrained(tmp_path / "ckpt" / "final").llm.state_dict()
+    assert all(torch.equal(aligned[n], base[n]) for n in base)  # 3 alignment steps: the LLM is as it was
+    assert any(not torch.equal(final[n], base[n]) for n in base)  # the one main step afterwards moved it
+
+
+def test_adaptor_output_starts_at_the_embedding_scale(assets):
+    from conditune.speech.config import SpeechLLMConfig
+    from conditune.speech.modeling import SpeechLLM
+
+    cfg = _config(assets, "unused")["model"]
+    model = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg), for_training=False)
+    emb = model.core_llm.get_input_embeddings().weight
+    frames = torch.randn(2, 40, model.adaptor.encoder_dim)
+    audio, lengths = model.adaptor.eval()(frames, torch.tensor([40, 24]))
+    rms = audio[0].pow(2).mean().sqrt()
+    assert float(rms) == pytest.approx(float(emb.pow(2).mean().sqrt()), rel=0.05)
+    cfg["adaptor"]["match_embedding_scale"] = False
+    plain = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg), for_training=False)
+    assert float(plain.adaptor.output_scale) == 1.0
+
+
+def test_ctc_vocabulary_restriction_gives_the_same_loss(assets):
+    """Restricting the CTC head to the transcripts' tokens changes the normaliser, not which path scores best:
+    the greedy CTC transcript is unchanged where the restricted vocabulary holds the answer."""
+    from conditune.speech.config import SpeechLLMConfig
+    from conditune.speech.modeling import SpeechLLM
+
+    model = SpeechLLM.build(SpeechLLMConfig.from_dict(_config(assets, "unused")["model"]), for_training=False)
+    tokens = [[5, 9, 9, 3], [7, 5]]
+    audio = torch.randn(2, 12, model.adaptor.llm_dim)
+    lengths = torch.tensor([12, 8])
+    full = model.ctc_loss(audio, lengths, tokens)
+    model.set_ctc_vocabulary([t for seq in tokens for t in seq])
+    restricted = model.ctc_loss(audio, lengths, tokens)
+    assert torch.isfinite(full) and torch.isfinite(restricted) and float(restricted) < float(full)
+    with pytest.raises(ConditumeError, match="CTC vocabulary"):
+        model.ctc_loss(audio, lengths, [[11]])
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(assets, tmp_path):
+    """2 gloo processes x grad_accum 1 train exactly what 1 process x grad_accum 2 trains: each rank takes its
+    own batch of every pair, and DDP averages the gradients as accumulation does."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    def config(name, accum):
+        cfg = _config(assets, tmp_path / name, max_steps=4, grad_accum=accum, log_every=1, device="cpu")
+        cfg["data"]["max_batch"] = 1  # 4 utterances: 4 batches an epoch, so the ranks' batches differ
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "--master_addr=127.0.0.1", "-m", "conditune", "train", str(config("ddp", 1))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "conditune", "train", str(config("single", 2))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def log(name):
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    ddp, single = log("ddp"), log("single")
+    assert [r["data_sha"] for r in ddp if r["kind"] == "train"] == [r["data_sha"] for r in single if r["kind"] == "train"]
+    assert [r["loss"] for r in ddp if r["kind"] == "train"] == pytest.approx(
+        [r["loss"] for r in single if r["kind"] == "train"], rel=1e-4)
+    a = load_file(str(tmp_path / "ddp" / "final" / "adaptor.safetensors"))
+    b = load_file(str(tmp_path / "single" / "final" / "adaptor.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert json.loads((tmp_path / "ddp" / "result.json").read_text())["step"] == 4
+
+
 # ---------------------------------------------------------------- command line
 
 

@@ -2,7 +2,14 @@
 
 As in the paper: stack ``k`` consecutive encoder frames (zero-padding the tail) -> Linear(k*D_enc, D_llm)
 -> LayerNorm -> add sinusoidal positions -> ``depth`` Transformer self-attention layers that ignore the
-padded frames (``key_padding_mask`` from the lengths; new length ``ceil(len / k)``).
+padded frames (``key_padding_mask`` from the lengths; new length ``ceil(len / k)``) -> a learned scalar
+``output_scale`` (set to the RMS of the LLM's token embeddings when the model is built, so audio and text
+positions start at the same magnitude).
+
+The adaptor also owns a small CTC head for the optional alignment stage of training
+(:meth:`conditune.speech.modeling.SpeechLLM.ctc_loss`): each output position is scored against the LLM's
+own frozen token embeddings plus a learned blank vector, which pulls the audio positions towards the
+embeddings of the words spoken, in order, before the LLM is asked to read them.
 """
 
 from __future__ import annotations
@@ -53,6 +60,11 @@ class AudioAdaptor(nn.Module):
             )
             for _ in range(int(config.depth))
         )
+        self.output_scale = nn.Parameter(torch.ones(()))
+        self.ctc_blank = nn.Parameter(torch.zeros(self.llm_dim))  # the blank "token embedding"
+        # log of the CTC logit scale: token-embedding dot products are small (SmolLM2: |e| ~ 3), so the
+        # softmax over ~50k tokens needs a gain that can grow quickly
+        self.ctc_log_scale = nn.Parameter(torch.tensor(math.log(4.0)))
 
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``frames [B, T, D_enc]``, ``lengths [B]`` -> ``(embeddings [B, ceil(T/k), D_llm], new lengths [B])``."""
@@ -70,5 +82,10 @@ class AudioAdaptor(nn.Module):
         padding_mask = torch.arange(h.shape[1], device=h.device)[None, :] >= new_lengths[:, None]
         for layer in self.layers:
             h = layer(h, src_key_padding_mask=padding_mask)
-        h = h.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        h = h.masked_fill(padding_mask.unsqueeze(-1), 0.0) * self.output_scale
         return h, new_lengths
+
+    @torch.no_grad()
+    def match_scale(self, embeddings: torch.Tensor) -> None:
+        """Start the outputs at the per-element RMS of ``embeddings`` (the LLM's input embedding matrix)."""
+        self.output_scale.fill_(float(embeddings.detach().float().pow(2).mean().sqrt()))

@@ -47,6 +47,9 @@ class AdaptorConfig:
     heads: int = 8
     dropout: float = 0.1
     ffn_multiplier: int = 4
+    # Scale the (layer-normed, RMS 1) outputs to the RMS of the LLM's token embeddings when the adaptor is
+    # built. SmolLM2's embeddings have RMS 0.14: unscaled audio positions would be 7x louder than text.
+    match_embedding_scale: bool = True
 
 
 @dataclass

@@ -52,9 +52,11 @@ class SpeechBatch:
 
 @dataclass
 class SpeechOutput:
-    loss: torch.Tensor
+    loss: torch.Tensor  # what is optimised: llm_loss + ctc_weight * ctc_loss (or ctc_loss alone)
     num_tokens: int
-    labels: torch.Tensor
+    labels: torch.Tensor | None
+    llm_loss: torch.Tensor | None = None  # Algorithm 1's cross-entropy on the text positions
+    ctc_loss: torch.Tensor | None = None  # the adaptor's CTC alignment loss, when asked for
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -152,6 +154,15 @@ def apply_trainable(llm: nn.Module, config: SpeechLLMConfig, *, for_training: bo
     raise ConditumeError(f"unknown trainable mode {mode!r}")
 
 
+def new_adaptor(encoder_dim: int, core_llm: nn.Module, config: SpeechLLMConfig) -> AudioAdaptor:
+    """A freshly initialised adaptor for ``core_llm``, its output scale matched to the token embeddings."""
+    embeddings = core_llm.get_input_embeddings().weight
+    adaptor = AudioAdaptor(encoder_dim, embeddings.shape[1], config.adaptor)
+    if config.adaptor.match_embedding_scale:
+        adaptor.match_scale(embeddings)
+    return adaptor
+
+
 def _core(llm: nn.Module) -> nn.Module:
     """The transformers ``*ForCausalLM`` inside a possible PEFT wrapper (LoRA layers are injected in place)."""
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
@@ -175,7 +186,7 @@ class SpeechLLM(nn.Module):
         if adaptor is None:
             if encoder is None:
                 raise ValueError("need an encoder (for its dimension) or a ready adaptor")
-            adaptor = AudioAdaptor(encoder.dim, hidden, config.adaptor)
+            adaptor = new_adaptor(encoder.dim, core, config)
         self.adaptor = adaptor
         self.bos_token_id = _first_id(config.llm.bos_token_id, getattr(tokenizer, "bos_token_id", None), core.config.bos_token_id)
         self.eos_token_id = _first_id(config.llm.eos_token_id, getattr(tokenizer, "eos_token_id", None), core.config.eos_token_id)
@@ -204,8 +215,7 @@ class SpeechLLM(nn.Module):
         if encoder is None:
             if encoder_dim is None:
                 raise ConditumeError("building a SpeechLLM without its encoder needs encoder_dim")
-            hidden = _core(llm).get_input_embeddings().embedding_dim
-            adaptor = AudioAdaptor(encoder_dim, hidden, config.adaptor)
+            adaptor = new_adaptor(encoder_dim, _core(llm), config)
         return cls(config, encoder, llm, tokenizer, adaptor=adaptor)
 
     @property
@@ -262,11 +272,76 @@ class SpeechLLM(nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return SpeechBatch(embeds, mask, positions, label_t, audio_lengths)
 
-    def forward(self, frames: torch.Tensor, frame_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> SpeechOutput:
+    def forward(self, frames: torch.Tensor, frame_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]], *,
+                ctc_weight: float = 0.0, run_llm: bool = True) -> SpeechOutput:
+        """Loss of a batch. ``run_llm=False`` is the alignment stage: the CTC loss alone, the LLM is not run."""
         device = self.device
         audio, audio_lengths = self.adaptor(frames.to(device), frame_lengths.to(device))
-        batch = self.build_inputs(audio, audio_lengths, token_ids)
-        return self.loss_from_batch(batch)
+        ctc = self.ctc_loss(audio, audio_lengths, token_ids) if (ctc_weight or not run_llm) else None
+        if not run_llm:
+            return SpeechOutput(loss=ctc, num_tokens=sum(len(t) for t in token_ids), labels=None, ctc_loss=ctc)
+        out = self.loss_from_batch(self.build_inputs(audio, audio_lengths, token_ids))
+        out.llm_loss = out.loss
+        if ctc is not None:
+            out.ctc_loss = ctc
+            out.loss = out.loss + ctc_weight * ctc
+        return out
+
+    def set_ctc_vocabulary(self, token_ids: Sequence[int] | None) -> None:
+        """Score the CTC head against these tokens only (those of the training transcripts): the loss then costs
+        a few thousand dot products per position instead of the whole vocabulary. ``None``: every token."""
+        if token_ids is None:
+            self._ctc_vocab = None
+            return
+        vocab = torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)
+        lookup = torch.full((self.core_llm.get_input_embeddings().weight.shape[0],), -1, dtype=torch.long)
+        lookup[vocab] = torch.arange(len(vocab))
+        self._ctc_vocab = (vocab, lookup)
+
+    def ctc_logits(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[B, T, V' + 1]`` logits (each adaptor output scored against the token embeddings; blank last) and the
+        token id of each column (None: all of them, in order)."""
+        table = self.core_llm.get_input_embeddings().weight.detach()
+        vocab = getattr(self, "_ctc_vocab", None)
+        columns = None
+        if vocab is not None:
+            columns = vocab[0].to(table.device)
+            table = table[columns]
+        table = torch.cat([table, self.adaptor.ctc_blank[None].to(table.dtype)])
+        return (audio @ table.to(audio.dtype).T).float() * self.adaptor.ctc_log_scale.exp(), columns
+
+    def ctc_loss(self, audio: torch.Tensor, audio_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """CTC of the text tokens against the adaptor outputs (mean over the batch of per-token losses)."""
+        logits, columns = self.ctc_logits(audio)
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # [T, B, V' + 1]
+        blank = log_probs.shape[-1] - 1
+        targets = torch.tensor([t for seq in token_ids for t in seq], dtype=torch.long, device=audio.device)
+        if columns is not None:
+            targets = self._ctc_vocab[1].to(audio.device)[targets]
+            if bool((targets < 0).any()):
+                raise ConditumeError("a transcript token is missing from the CTC vocabulary (set_ctc_vocabulary)")
+        target_lengths = torch.tensor([len(seq) for seq in token_ids], dtype=torch.long, device=audio.device)
+        # zero_infinity: an utterance with more tokens than positions contributes nothing instead of inf
+        return nn.functional.ctc_loss(log_probs, targets, audio_lengths.to(audio.device), target_lengths, blank=blank,
+                                      reduction="mean", zero_infinity=True)
+
+    @torch.no_grad()
+    def ctc_transcribe(self, frames: torch.Tensor, frame_lengths: torch.Tensor) -> list[str]:
+        """Greedy CTC decoding of the adaptor alone (no LLM): a diagnostic of what the alignment stage learned."""
+        was_training = self.training
+        self.eval()
+        try:
+            audio, lengths = self.adaptor(frames.to(self.device), frame_lengths.to(self.device))
+            logits, columns = self.ctc_logits(audio)
+            best = logits.argmax(-1)
+            blank = logits.shape[-1] - 1
+            texts = []
+            for row, n in zip(best.tolist(), lengths.tolist()):
+                ids = [t for i, t in enumerate(row[:n]) if t != blank and (i == 0 or t != row[i - 1])]
+                texts.append(self.decode_tokens(columns[ids].tolist() if columns is not None else ids))
+            return texts
+        finally:
+            self.train(was_training)
 
     def loss_from_batch(self, batch: SpeechBatch) -> SpeechOutput:
         core = self.core_llm

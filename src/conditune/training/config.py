@@ -46,7 +46,12 @@ class OptimConfig:
     beta2: float = 0.999
     warmup_steps: int = 0
     schedule: str = "cosine"
-    max_steps: int | None = None  # optimizer steps (None: epochs decide)
+    max_steps: int | None = None  # main optimizer steps (None: epochs decide); align_steps come before them
+    # Alignment stage: CTC-only steps that train the adaptor alone (the LLM is not run, so a step costs a
+    # small fraction of a main step) to emit the embeddings of the spoken tokens, in order.
+    align_steps: int = 0
+    align_lr: float | None = None  # adaptor learning rate in the alignment stage (default: lr)
+    ctc_weight: float = 0.0  # the same CTC loss, weighted, added to Algorithm 1's loss in the main steps
     epochs: int = 1
     max_seconds: float | None = None  # wall-clock budget; stops cleanly with a checkpoint
     grad_accum: int = 1
@@ -94,6 +99,8 @@ class TrainConfig:
             raise ConditumeError("train.grad_accum and data.max_batch must be >= 1")
         if t.max_steps is not None and t.max_steps < 1:
             raise ConditumeError("train.max_steps must be >= 1")
+        if t.align_steps < 0 or t.ctc_weight < 0:
+            raise ConditumeError("train.align_steps and train.ctc_weight must be >= 0")
         if not self.data.train:
             raise ConditumeError("data.train (a manifest) is not set")
 

@@ -174,16 +174,36 @@ def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
-def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
-    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
-                              get_linear_schedule_with_warmup)
+def schedule_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Learning-rate multiplier after ``step`` scheduler steps: linear warmup, then cosine/linear decay or constant
+    (the shapes of transformers' ``get_*_schedule_with_warmup``)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
 
-    warmup = min(config.train.warmup_steps, total_steps)
-    if config.train.schedule == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    if config.train.schedule == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
+
+def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    """Two phases: ``align_steps`` at a constant (warmed-up) adaptor rate, then the main schedule over the rest."""
+    t = config.train
+    align = min(t.align_steps, total_steps)
+    main = total_steps - align
+    align_ratio = (t.align_lr / t.lr) if t.align_lr else 1.0
+
+    def main_factor(step: int) -> float:
+        if step < align:
+            return schedule_factor(step, min(t.warmup_steps, align), align, "constant")
+        return schedule_factor(step - align, min(t.warmup_steps, main), main, t.schedule)
+
+    def adaptor_factor(step: int) -> float:
+        return main_factor(step) * (align_ratio if step < align else 1.0)
+
+    lambdas = [adaptor_factor if group.get("name") == "adaptor" else main_factor for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -345,15 +365,21 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
     def epoch_batches(epoch: int) -> list[list[int]]:
         return length_bucketed_batches(seq_lengths, config.data.max_batch, t.seed, epoch)
 
+    if t.align_steps or t.ctc_weight:
+        model.set_ctc_vocabulary([tok for e in train_ex for tok in e.tokens])
     batches_per_epoch = len(epoch_batches(0))
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * batches_per_epoch / t.grad_accum))
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    # Under DDP every rank takes its own batch of each group of `world` consecutive batches: the global order is
+    # the single-process one, and N processes x grad_accum k see exactly what 1 process x grad_accum N*k sees.
+    main_steps = t.max_steps or max(1, math.ceil(t.epochs * batches_per_epoch / (t.grad_accum * world)))
+    total_steps = t.align_steps + main_steps
 
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
 
-    metrics = MetricsLog(out, t.tensorboard)
+    metrics = MetricsLog(out, t.tensorboard and is_main)
     step, epoch, batch_index, tokens_seen, prior_elapsed, data_sha = 0, 0, 0, 0, 0.0, ""
     if resume_from is not None:
         state = ckpt.read_trainer_state(resume_from)
@@ -363,47 +389,72 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
         step, epoch, batch_index = int(state["step"]), int(state["epoch"]), int(state["batch_index"])
         tokens_seen, prior_elapsed = int(state.get("tokens_seen", 0)), float(state.get("elapsed_s", 0.0))
         data_sha = str(state.get("data_sha", ""))
-        metrics.truncate_after(step)
+        if is_main:
+            metrics.truncate_after(step)
         ckpt.set_rng_state(ckpt.load_torch(resume_from / "rng.pt"))
         log(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batch_index})")
-    elif (out / METRICS_NAME).exists():
+    elif is_main and (out / METRICS_NAME).exists():
         metrics.truncate_after(0)
 
     config_yaml = config.to_yaml()
-    atomic_write_text(out / "train_config.yaml", config_yaml)
+    if is_main:
+        atomic_write_text(out / "train_config.yaml", config_yaml)
 
     def trainer_state() -> dict[str, Any]:
         return {"step": step, "epoch": epoch, "batch_index": batch_index, "total_steps": total_steps,
-                "tokens_seen": tokens_seen, "elapsed_s": prior_elapsed + (time.monotonic() - wall_start),
-                "batches_per_epoch": batches_per_epoch, "data_sha": data_sha}
+                "align_steps": t.align_steps, "tokens_seen": tokens_seen,
+                "elapsed_s": prior_elapsed + (time.monotonic() - wall_start),
+                "batches_per_epoch": batches_per_epoch, "data_sha": data_sha, "world_size": world}
 
-    def save() -> Path:
-        return ckpt.save_checkpoint(out, step, core, optimizer, scheduler, trainer_state(), config_yaml, t.keep_last)
+    def save() -> None:
+        if is_main:
+            ckpt.save_checkpoint(out, step, core, optimizer, scheduler, trainer_state(), config_yaml, t.keep_last)
+        accelerator.wait_for_everyone()
 
     def run_eval() -> dict[str, Any] | None:
-        if not dev_ex and eval_hook is None:
-            return None
-        record: dict[str, Any] = {"kind": "eval", "step": step}
+        """Dev WER (+ the hook's metrics) on the main process; the others wait."""
         wer_result = None
-        if dev_ex:
-            res = evaluate_examples(core, dev_ex, cache, batch_size=t.eval_batch, num_beams=t.num_beams,
-                                    max_new_tokens=t.max_new_tokens, autocast=accelerator.autocast)
-            wer = {k: v for k, v in res["wer"].items() if k != "counts"}
-            record.update({f"wer_{k}": v for k, v in wer.items()})
-            atomic_write_text(out / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in res["predictions"]))
-            log(f"step {step}: dev WER " + ", ".join(f"{k} {v:.2f}" for k, v in wer.items()))
-            wer_result = res["wer"]
-        if eval_hook is not None:
-            with accelerator.autocast():
-                extra = eval_hook(step, core) or {}
-            record.update(extra)
-        metrics.write(record)
+        if is_main and (dev_ex or eval_hook is not None):
+            record: dict[str, Any] = {"kind": "eval", "step": step}
+            if dev_ex:
+                res = evaluate_examples(core, dev_ex, cache, batch_size=t.eval_batch, num_beams=t.num_beams,
+                                        max_new_tokens=t.max_new_tokens, autocast=accelerator.autocast)
+                wer = {k: v for k, v in res["wer"].items() if k != "counts"}
+                record.update({f"wer_{k}": v for k, v in wer.items()})
+                atomic_write_text(out / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in res["predictions"]))
+                log(f"step {step}: dev WER " + ", ".join(f"{k} {v:.2f}" for k, v in wer.items()))
+                wer_result = res["wer"]
+            if eval_hook is not None:
+                with accelerator.autocast():
+                    extra = eval_hook(step, core) or {}
+                record.update(extra)
+            metrics.write(record)
+        accelerator.wait_for_everyone()
         return wer_result
+
+    def next_batch() -> list[int]:
+        """This rank's batch of the next `world` batches; the data hash chains over all of them."""
+        nonlocal epoch, batch_index, batches, data_sha
+        group = []
+        for _ in range(world):
+            if batch_index >= len(batches):
+                epoch, batch_index = epoch + 1, 0
+                batches = epoch_batches(epoch)
+            group.append(batches[batch_index])
+            batch_index += 1
+            data_sha = chain_data_sha(data_sha, [str(train_ex[i].audio) for i in group[-1]])
+        return group[rank]
+
+    def out_of_time() -> bool:
+        if t.max_seconds is None:
+            return False
+        late = torch.tensor([float(time.monotonic() - wall_start >= t.max_seconds)], device=accelerator.device)
+        return bool(accelerator.reduce(late, "max").item()) if world > 1 else bool(late.item())  # all ranks agree
 
     result = TrainResult(out, None, step, total_steps, "max_steps", train_utterances=len(train_ex), skipped=skipped,
                          trainable_params=sum(p.numel() for p in core.parameters() if p.requires_grad),
                          trainable_llm_params=sum(p.numel() for p in core.llm.parameters() if p.requires_grad))
-    bar = _progress(t.progress, total_steps, step)
+    bar = _progress(t.progress and is_main, total_steps, step)
     model.train()
     batches = epoch_batches(epoch)
     window_loss, window_steps = 0.0, 0
@@ -412,18 +463,18 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
     last_saved = step if resume_from is not None else -1
     try:
         while step < total_steps:
-            step_loss, step_tokens = 0.0, 0
-            for _ in range(t.grad_accum):
-                if batch_index >= len(batches):
-                    epoch, batch_index = epoch + 1, 0
-                    batches = epoch_batches(epoch)
-                idx = batches[batch_index]
-                batch_index += 1
-                data_sha = chain_data_sha(data_sha, [str(train_ex[i].audio) for i in idx])
+            aligning = step < t.align_steps
+            step_loss, step_tokens = torch.zeros((), device=accelerator.device), 0
+            for micro in range(t.grad_accum):
+                idx = next_batch()
                 frames, lengths = pad_frames(cache.get([train_ex[i].audio for i in idx]))
-                out_ = model(frames, lengths, [train_ex[i].tokens for i in idx])
-                accelerator.backward(out_.loss / t.grad_accum)
-                step_loss += float(out_.loss.detach()) / t.grad_accum
+                # gradients are all-reduced on the last micro-batch only
+                sync = micro == t.grad_accum - 1 or world == 1
+                with (_null() if sync else accelerator.no_sync(model)):
+                    out_ = model(frames, lengths, [train_ex[i].tokens for i in idx], ctc_weight=t.ctc_weight,
+                                 run_llm=not aligning)
+                    accelerator.backward(out_.loss / t.grad_accum)
+                step_loss += out_.loss.detach() / t.grad_accum
                 step_tokens += int(sum(math.ceil(int(n) / k) for n in lengths)) + sum(len(train_ex[i].tokens) + 2 for i in idx)
             if t.clip_norm:
                 accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.clip_norm)
@@ -432,19 +483,21 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             run_steps += 1
-            tokens_seen += step_tokens
-            run_tokens += step_tokens
+            step_loss = float(accelerator.reduce(step_loss, "mean")) if world > 1 else float(step_loss)
+            tokens_seen += step_tokens * world
+            run_tokens += step_tokens * world
             result.losses[step] = step_loss
             window_loss += step_loss
             window_steps += 1
             if bar:
-                bar[0].update(bar[1], completed=step, loss=f"{step_loss:.4f}")
-            if step % max(1, t.log_every) == 0 or step == total_steps:
+                bar[0].update(bar[1], completed=step, loss=f"{step_loss:.4f}" + (" (align)" if aligning else ""))
+            if is_main and (step % max(1, t.log_every) == 0 or step == total_steps or step == t.align_steps):
                 elapsed = time.monotonic() - loop_start
-                metrics.write({"kind": "train", "step": step, "epoch": epoch, "loss": window_loss / window_steps,
-                               **_learning_rates(optimizer), "data_sha": data_sha,
+                metrics.write({"kind": "train", "step": step, "epoch": epoch, "phase": "align" if aligning else "main",
+                               "loss": window_loss / window_steps, **_learning_rates(optimizer), "data_sha": data_sha,
                                "tokens_per_s": run_tokens / max(elapsed, 1e-9),
                                "elapsed_s": round(prior_elapsed + time.monotonic() - wall_start, 3)})
+            if step % max(1, t.log_every) == 0 or step == total_steps or step == t.align_steps:
                 window_loss, window_steps = 0.0, 0
             if stop_after_steps is not None and run_steps >= stop_after_steps and step < total_steps:
                 result.stopped = "stop_after_steps"
@@ -455,7 +508,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
             if t.save_every and step % t.save_every == 0 and step < total_steps:
                 save()
                 last_saved = step
-            if t.max_seconds is not None and time.monotonic() - wall_start >= t.max_seconds and step < total_steps:
+            if out_of_time() and step < total_steps:
                 result.stopped = "max_seconds"
                 break
     finally:
@@ -477,10 +530,13 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
     if last_saved != step:
         save()
     final = out / FINAL_DIR
-    _save_final(core, final)
+    if is_main:
+        _save_final(core, final)
+    accelerator.wait_for_everyone()
     result.final_dir = final
     result.elapsed_s = time.monotonic() - wall_start
-    atomic_write_json(out / "result.json", result.to_dict())
+    if is_main:
+        atomic_write_json(out / "result.json", result.to_dict())
     metrics.close()
     log(f"stopped at step {step}/{total_steps} ({result.stopped}); model in {final}")
     return result
@@ -497,14 +553,19 @@ def _make_accelerator(mixed_precision: str, cpu: bool):
     """An Accelerator; in a single process a later ``train()`` may use other settings than an earlier one."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs
 
+    # Under DDP some trainable parameters get no gradient in some steps (the LLM's in the alignment stage,
+    # the CTC head in main steps without ctc_weight): DDP must be told to expect that.
+    kwargs = {"mixed_precision": mixed_precision, "cpu": cpu,
+              "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
     try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        return Accelerator(**kwargs)
     except ValueError as exc:
         if "already been initialized" not in str(exc) or PartialState().num_processes > 1:
             raise
         AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        return Accelerator(**kwargs)
 
 
 def _save_final(model, final: Path) -> None:

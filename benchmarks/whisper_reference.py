@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""What the demo's frozen encoder can reach: Whisper base's *own* decoder on the demo's test audio.
+
+The speech LLM sees only Whisper base's encoder frames; the Whisper decoder that was trained with that
+encoder on 680k hours is a natural reference for the WER a small adaptor + 135M LLM could hope for on
+the same audio. This transcribes a manifest with the CTranslate2 Whisper model (log-mel padded to 30 s
+as Whisper was trained, greedy, the utterance's language forced, no timestamps) and scores it with the
+same normalisers and WER code as ``conditune evaluate``.
+
+    python benchmarks/whisper_reference.py                       # the demo's cached test split
+    python benchmarks/whisper_reference.py --manifest data/speech/test.jsonl --output results/demo/whisper_reference.json
+
+Writes JSON (WER per language, every transcription, machine) and a short Markdown beside it, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conditune.data.audio import load_audio
+from conditune.data.manifest import read_manifest
+from conditune.demo import machine_description
+from conditune.evaluation.wer import word_error_rate
+from conditune.io import atomic_write_json, atomic_write_text
+from conditune.models import conditune_home
+from conditune.speech.config import EncoderConfig
+from conditune.speech.encoders import build_encoder
+
+WHISPER_FRAMES = 3000  # 30 s of log-mel
+
+
+def transcribe(encoder, tokenizer, waveform: np.ndarray, language: str, max_length: int = 96) -> str:
+    mel = encoder.mel(waveform)[:, :WHISPER_FRAMES]
+    mel = np.pad(mel, ((0, 0), (0, WHISPER_FRAMES - mel.shape[1])), constant_values=float(mel.min()))
+    prompt = [tokenizer.token_to_id(t) for t in ("<|startoftranscript|>", f"<|{language}|>", "<|transcribe|>", "<|notimestamps|>")]
+    if None in prompt:
+        raise SystemExit(f"whisper_reference: the tokenizer has no token for language {language!r}")
+    storage = encoder._ct2.StorageView.from_array(np.ascontiguousarray(mel[None], dtype=np.float32))
+    result = encoder.model.generate(storage, [prompt], max_length=max_length, beam_size=1)
+    return tokenizer.decode(result[0].sequences_ids[0]).strip()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, default=conditune_home() / "demo" / "speech" / "test.jsonl")
+    parser.add_argument("--model", default="demo:whisper-base", help="a CTranslate2 Whisper folder or demo:whisper-base")
+    parser.add_argument("--output", type=Path, default=Path("results/demo/whisper_reference.json"))
+    args = parser.parse_args(argv)
+    import tokenizers
+
+    encoder = build_encoder(EncoderConfig(backend="ct2", path=args.model))
+    tokenizer = tokenizers.Tokenizer.from_file(str(encoder.path / "tokenizer.json"))
+    data = read_manifest(args.manifest)
+    start = time.monotonic()
+    rows = []
+    for utt in data.utterances:
+        language = utt.language or "en"
+        hyp = transcribe(encoder, tokenizer, load_audio(utt.audio, sample_rate=16000), language)
+        rows.append({"audio": str(utt.audio), "language": language, "reference": utt.text, "hypothesis": hyp})
+    seconds = time.monotonic() - start
+    wer = word_error_rate([r["reference"] for r in rows], [r["hypothesis"] for r in rows], [r["language"] for r in rows])
+    wer = {k: v for k, v in wer.items() if k != "counts"}
+    result = {"what": "Whisper base's own decoder (CTranslate2, greedy, 30 s padding, language forced)",
+              "manifest": str(args.manifest), "utterances": len(rows), "wer": wer, "seconds": round(seconds, 1),
+              "machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "predictions": rows}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.output, result)
+    lines = ["# Whisper base's own decoder on the demo test split", "",
+             f"{len(rows)} utterances from `{args.manifest.name}`, {seconds:.0f} s on {result['machine']['cpu']} "
+             f"({result['machine']['cores']} cores), {result['date']}.", "",
+             "| language | WER % |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in wer.items()]
+    atomic_write_text(args.output.with_suffix(".md"), "\n".join(lines) + "\n")
+    print(json.dumps({"wer": wer, "utterances": len(rows), "seconds": round(seconds, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
