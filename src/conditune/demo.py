@@ -34,8 +34,8 @@ from conditune.errors import ConditumeError
 from conditune.io import atomic_write, atomic_write_json, atomic_write_text, read_jsonl
 
 # Measured on the 2-core reference machine (see docs/demo.md); used to size the data set and the reserve.
-SYNTH_S_PER_UTT = 0.22  # espeak-ng / flite, one job per core
-ENCODE_S_PER_UTT = 0.28  # CTranslate2 Whisper-base float32, ~4.4 s utterances
+SYNTH_S_PER_UTT = 0.03  # espeak-ng / flite, one job per core (measured 0.02 s on 2026-12-01)
+ENCODE_S_PER_UTT = 0.13  # CTranslate2 Whisper-base float32, ~4.4 s utterances (measured 0.11-0.13 s)
 STEP_S = 3.0  # one optimizer step at batch 4 (adaptor + 100 SmolLM2 tensors)
 STEP_S_SAFE = 3.5  # planning value for the step count (the schedule spans it; max_seconds caps the run)
 LLM_LOAD_S = 45.0  # de-quantising the SmolLM2 GGUF + its tokenizer
