@@ -82,4 +82,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from conditune.errors import ConditumeError
+
+    try:
+        sys.exit(main())
+    except ConditumeError as exc:  # missing manifest or model: one line, exit 1
+        print(f"whisper_reference: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -53,6 +53,8 @@ def test_overrides_and_coercion(tmp_path, assets):
         load_train_config(path, ["train.lr=fast"])
     with pytest.raises(ConditumeError, match="section.key=value"):
         load_train_config(path, ["train.lr"])
+    with pytest.raises(ConditumeError, match="align_steps"):
+        load_train_config(path, ["train.align_steps=-1"])
     assert TrainConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
