@@ -273,9 +273,8 @@ def load_speech_and_base(final_dir: Path):
     """The trained speech model and its untouched base LLM, de-quantising the GGUF only once (~35 s on 2 cores)."""
     import copy
 
-    from conditune.speech.adaptor import AudioAdaptor
     from conditune.speech.encoders import build_encoder
-    from conditune.speech.modeling import CONFIG_NAME, SpeechLLM, load_llm, load_tokenizer, read_config
+    from conditune.speech.modeling import CONFIG_NAME, SpeechLLM, load_llm, load_tokenizer, new_adaptor, read_config
 
     config = read_config(final_dir)
     meta = json.loads((Path(final_dir) / CONFIG_NAME).read_text()).get("_meta", {})
@@ -284,7 +283,7 @@ def load_speech_and_base(final_dir: Path):
     base.eval()
     llm = copy.deepcopy(base)
     encoder = build_encoder(config.encoder)
-    adaptor = AudioAdaptor(meta.get("encoder_dim", encoder.dim), llm.get_input_embeddings().embedding_dim, config.adaptor)
+    adaptor = new_adaptor(meta.get("encoder_dim", encoder.dim), llm, config)  # its trained state is loaded below
     model = SpeechLLM(config, encoder, llm, load_tokenizer(config.llm), adaptor=adaptor)
     model.load_trained_state(final_dir)
     model.eval()

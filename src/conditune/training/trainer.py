@@ -333,7 +333,8 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
         shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
 
     set_seed(t.seed)
-    accelerator = _make_accelerator(t.mixed_precision, cpu=(t.device == "cpu"))
+    # Under DDP the LLM's trainable tensors get no gradient in alignment steps: DDP must then expect unused ones.
+    accelerator = _make_accelerator(t.mixed_precision, cpu=(t.device == "cpu"), find_unused=t.align_steps > 0)
     model = SpeechLLM.build(config.model, for_training=True)
     if t.device not in (None, "cpu"):
         model.to(t.device)
@@ -367,6 +368,9 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
 
     if t.align_steps or t.ctc_weight:
         model.set_ctc_vocabulary([tok for e in train_ex for tok in e.tokens])
+    else:  # no CTC loss in this run: its head gets no gradient, so it is no optimizer (or DDP) parameter
+        model.adaptor.ctc_blank.requires_grad_(False)
+        model.adaptor.ctc_log_scale.requires_grad_(False)
     batches_per_epoch = len(epoch_batches(0))
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     # Under DDP every rank takes its own batch of each group of `world` consecutive batches: the global order is
@@ -549,16 +553,14 @@ def _learning_rates(optimizer) -> dict[str, float]:
     return rates
 
 
-def _make_accelerator(mixed_precision: str, cpu: bool):
+def _make_accelerator(mixed_precision: str, cpu: bool, find_unused: bool = False):
     """An Accelerator; in a single process a later ``train()`` may use other settings than an earlier one."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # Under DDP some trainable parameters get no gradient in some steps (the LLM's in the alignment stage,
-    # the CTC head in main steps without ctc_weight): DDP must be told to expect that.
     kwargs = {"mixed_precision": mixed_precision, "cpu": cpu,
-              "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
+              "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]}
     try:
         return Accelerator(**kwargs)
     except ValueError as exc:
