@@ -320,6 +320,22 @@ def test_plan_texts_disjoint_and_stable():
         synth.plan_texts(pool, "en", 7, {"train": 99, "dev": 1, "test": 1}, 0)
 
 
+def test_plan_texts_limited_vocabulary():
+    pool = ["The cat sat on the mat.", "The cat sat on the rug.", "The cat sat.", "A cat sat on the mat.",
+            "The dog ran far.", "A red hat."]
+    # word counts: the 7, cat 4, sat 4, on 3, a 2, mat 2, then 1 each (ties go alphabetically)
+    kept = ["The cat sat on the mat.", "The cat sat.", "A cat sat on the mat."]
+    assert synth.common_words_only(pool, 6) == kept
+    assert synth.common_words_only(pool, 5) == ["The cat sat."]  # "a" wins the tie with "mat"
+    assert synth.common_words_only(list(reversed(pool)), 6) == list(reversed(kept))
+    counts = {"train": 2, "dev": 0, "test": 1}
+    plan = synth.plan_texts(pool, "en", 3, counts, heldout_count=50, vocab_size=6)
+    assert sorted(plan.splits["train"] + plan.splits["test"]) == sorted(kept) and plan.pool_size == 3
+    assert sorted(plan.heldout) == sorted(set(pool) - set(kept))  # all the rest, never spoken
+    with pytest.raises(ConditumeError, match="only 3 usable ones with only the 6 most frequent words"):
+        synth.plan_texts(pool, "en", 3, {**counts, "train": 3}, 0, vocab_size=6)
+
+
 def test_choose_voice_deterministic():
     engines = ["espeak-ng", "flite"]
     a = synth.choose_voice("Hello there my friend.", "en", 0, engines)

@@ -83,7 +83,7 @@ def test_plan_sizes_follow_budget():
     from conditune.demo import DemoOptions, eval_reserve, plan_sizes
 
     full = plan_sizes(30 * 60, DemoOptions())
-    assert (full.train, full.dev, full.test) == (300, 8, 30)
+    assert (full.train, full.dev, full.test) == (600, 8, 30)
     small = plan_sizes(3 * 60, DemoOptions())
     assert 4 <= small.train < full.train and small.test >= 2
     fixed = plan_sizes(60, DemoOptions(train_per_language=6, dev_per_language=2, test_per_language=3))
@@ -158,7 +158,7 @@ def test_demo_end_to_end_real_models(tmp_path, monkeypatch):
 
     out = tmp_path / "demo"
     rc = main(["demo", "--output", str(out), "--minutes", "3", "--train-utterances", "4", "--dev-utterances", "1",
-               "--test-utterances", "2", "--heldout", "8", "--agreement-prompts", "2", "--steps", "2", "--quiet"])
+               "--test-utterances", "2", "--heldout", "8", "--agreement-prompts", "2", "--steps", "2", "--align-steps", "3", "--quiet"])
     assert rc == 0
     for name in ("metrics.json", "report.md", "training.png", "kappa_selected.png", "selected_names.txt", "predictions.jsonl"):
         assert (out / name).is_file(), name

@@ -296,3 +296,32 @@ def test_ct2_whisper_base_encoder():
     alone, _ = enc.encode([waves[0]])
     torch.testing.assert_close(alone[0], frames[0, : lengths[0]], rtol=1e-4, atol=1e-4)
     assert float(frames[0, : lengths[0]].std()) > 0.05  # real activations, not zeros
+
+
+def test_ctc_compression_keeps_token_positions_and_averages_runs(assets, tmp_path):
+    cfg = model_config(assets["whisper"], assets["llm"], "none")
+    cfg["adaptor"]["ctc_compress"] = True
+    m = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg))
+    emb = m.core_llm.get_input_embeddings().weight
+    dim = emb.shape[1]
+    basis = torch.linalg.qr(torch.randn(dim, 3, generator=torch.Generator().manual_seed(0)))[0].T  # 3 orthonormal rows
+    with torch.no_grad():
+        emb[5], emb[7], m.adaptor.ctc_blank[:] = basis[0], basis[1], basis[2]
+    m.set_ctc_vocabulary([7, 5, 7])
+    assert m.adaptor.ctc_vocabulary.tolist() == [5, 7]
+    e5, e7, blank = basis
+    # greedy CTC labels: blank 5 5 blank 5 7 blank -> runs (5 5) (5) (7); an all-blank row keeps one position
+    row0 = torch.stack([blank, 2 * e5, e5, blank, e5, e7, blank])
+    row1 = torch.stack([blank, blank + 0.3 * e7, blank, blank, blank, blank, blank])
+    audio = torch.stack([row0, row1]).requires_grad_(True)
+    out, lengths = m.compress(audio, torch.tensor([7, 5]))
+    assert lengths.tolist() == [3, 1] and out.shape == (2, 3, dim)
+    torch.testing.assert_close(out[0], torch.stack([1.5 * e5, e5, e7]))
+    torch.testing.assert_close(out[1, 0], blank + 0.3 * e7)  # the least-blank position
+    assert torch.count_nonzero(out[1, 1:]) == 0
+    out.sum().backward()  # the kept vectors carry gradients; the dropped ones get none
+    assert audio.grad[0, 0].abs().sum() == 0 and audio.grad[0, 1].abs().sum() > 0
+    # the vocabulary is saved with the adaptor: a loaded model compresses the same way
+    m.save_pretrained(tmp_path / "m")
+    loaded = SpeechLLM.from_pretrained(tmp_path / "m")
+    assert loaded.adaptor.ctc_vocabulary.tolist() == [5, 7] and loaded.config.adaptor.ctc_compress

@@ -219,6 +219,16 @@ def test_alignment_steps_leave_the_llm_untouched(assets, tmp_path):
     assert any(not torch.equal(final[n], base[n]) for n in base)  # the one main step afterwards moved it
 
 
+def test_evaluations_count_main_steps(assets, tmp_path):
+    cfg = _config(assets, tmp_path / "ev", mode="none", max_steps=4, align_steps=3, eval_every=2, warmup_steps=0)
+    cfg["data"]["dev"] = str(assets["manifest"])
+    cfg["train"]["eval_max_utterances"] = 2
+    train(cfg)
+    records = [json.loads(x) for x in (tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()]
+    # none in the alignment stage (steps 1-3); then every 2 main steps (step 5) and at the end (step 7)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [5, 7]
+
+
 def test_adaptor_output_starts_at_the_embedding_scale(assets):
     from conditune.speech.config import SpeechLLMConfig
     from conditune.speech.modeling import SpeechLLM
@@ -403,3 +413,31 @@ def test_real_whisper_base_and_smollm2(tmp_path):
     texts = model.transcribe([str(p) for p in paths], max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert model.transcribe([str(paths[0])], max_new_tokens=4) == texts[:1]
+
+
+def test_balanced_dev_subset_scores_every_language():
+    from types import SimpleNamespace
+
+    from conditune.training.trainer import balanced_subset
+
+    utts = [SimpleNamespace(language="en", i=i) for i in range(5)] + [SimpleNamespace(language="de", i=i) for i in range(2)]
+    picked = balanced_subset(utts, 4)
+    assert [(u.language, u.i) for u in picked] == [("en", 0), ("en", 1), ("de", 0), ("de", 1)]
+    assert [(u.language, u.i) for u in balanced_subset(utts, 3)] == [("en", 0), ("en", 1), ("de", 0)]
+    assert balanced_subset(utts, 100) == utts
+
+
+def test_ctc_compressed_training_runs_and_needs_a_ctc_head(assets, tmp_path):
+    from conditune.speech.modeling import SpeechLLM
+
+    cfg = _config(assets, tmp_path / "cc", mode="none", max_steps=2, warmup_steps=0)
+    cfg["model"]["adaptor"]["ctc_compress"] = True
+    with pytest.raises(ConditumeError, match="ctc_compress needs a trained CTC head"):
+        train(cfg)
+    cfg["train"].update(align_steps=2, ctc_weight=0.5)
+    result = train(cfg)
+    assert result.step == 4 and all(math.isfinite(v) for v in result.losses.values())
+    model = SpeechLLM.from_pretrained(result.final_dir)
+    assert model.adaptor.ctc_vocabulary.numel() > 0  # the transcripts' tokens, saved with the adaptor
+    paths = [str(p) for p in assets["paths"][:2]]
+    assert model.transcribe(paths, max_new_tokens=4) == SpeechLLM.from_pretrained(result.final_dir).transcribe(paths, max_new_tokens=4)

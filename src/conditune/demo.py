@@ -38,6 +38,7 @@ SYNTH_S_PER_UTT = 0.03  # espeak-ng / flite, one job per core (measured 0.02 s o
 ENCODE_S_PER_UTT = 0.13  # CTranslate2 Whisper-base float32, ~4.4 s utterances (measured 0.11-0.13 s)
 STEP_S = 3.0  # one optimizer step at batch 4 (adaptor + 100 SmolLM2 tensors)
 STEP_S_SAFE = 3.5  # planning value for the step count (the schedule spans it; max_seconds caps the run)
+ALIGN_STEP_S = 0.4  # one CTC alignment step (adaptor only; measured 0.3 s at batch 8 on 2026-12-02)
 LLM_LOAD_S = 45.0  # de-quantising the SmolLM2 GGUF + its tokenizer
 GENERATE_S_PER_UTT = 1.0  # greedy transcription, batch 8, up to 48 new tokens
 HELDOUT_S_PER_TEXT = 0.3  # base + adapted forward pass per held-out sentence (batch 16)
@@ -60,8 +61,10 @@ class DemoOptions:
     agreement_prompts: int = 10  # English DEFAULT_INSTRUCTIONS for greedy agreement (0: skip)
     max_steps: int | None = None  # None: from the budget
     batch: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-4  # adaptor (its post-norm attention layers do not train at 1e-3: docs/speech.md)
     llm_lr: float = 1e-4
+    align_steps: int = 300  # CTC alignment of the adaptor to the LLM's token embeddings before the main steps
+    vocab_size: int | None = 1000  # speak sentences of the N most frequent words only (None: any sentence)
     progress: bool = True
     speech_dir: Path | None = None  # None: $CONDITUNE_HOME/demo/speech
 
@@ -85,14 +88,14 @@ class DemoResult:
 def plan_sizes(budget_s: float, options: DemoOptions) -> Sizes:
     """Utterances per language so that synthesis + encoding take about a fifth of the budget.
 
-    30 minutes gives 300 train, 8 dev and 30 test utterances per language (~6 min of set-up the first
+    30 minutes gives 600 train, 8 dev and 30 test utterances per language (~4 min of set-up the first
     time, seconds afterwards).
     """
     total = max(8, int(0.2 * budget_s / (SYNTH_S_PER_UTT + ENCODE_S_PER_UTT)))
     per_lang = total // 2
     test = options.test_per_language if options.test_per_language is not None else int(min(30, max(2, per_lang // 10)))
     dev = options.dev_per_language if options.dev_per_language is not None else int(min(8, max(2, 0.03 * per_lang)))
-    train = options.train_per_language if options.train_per_language is not None else int(min(300, max(4, per_lang - test - dev)))
+    train = options.train_per_language if options.train_per_language is not None else int(min(600, max(4, per_lang - test - dev)))
     return Sizes(train=train, dev=dev, test=test, heldout=options.heldout)
 
 
@@ -160,19 +163,20 @@ def stage_models(con: _Console) -> dict[str, Path]:
     return paths
 
 
-def speech_settings(sizes: Sizes) -> dict[str, Any]:
+def speech_settings(sizes: Sizes, vocab_size: int | None = None) -> dict[str, Any]:
     return {"languages": ["en", "de"], "train": sizes.train, "dev": sizes.dev, "test": sizes.test,
-            "heldout": sizes.heldout, "seed": DATA_SEED, "format": 1}
+            "heldout": sizes.heldout, "seed": DATA_SEED, "vocab_size": vocab_size, "format": 1}
 
 
 SETTINGS_NAME = "demo_settings.json"
 
 
-def stage_data(con: _Console, speech_dir: Path, sizes: Sizes, progress: bool) -> tuple[dict[str, Path], bool]:
+def stage_data(con: _Console, speech_dir: Path, sizes: Sizes, progress: bool,
+               vocab_size: int | None = None) -> tuple[dict[str, Path], bool]:
     """Synthesise the speech set unless the manifests were written with the same settings; returns (files, reused)."""
     from conditune.data.synth import SynthConfig, synthesize_dataset
 
-    settings = speech_settings(sizes)
+    settings = speech_settings(sizes, vocab_size)
     files = {split: speech_dir / f"{split}.jsonl" for split in ("train", "dev", "test")}
     files.update({f"heldout_{lang}": speech_dir / f"heldout_text.{lang}.txt" for lang in ("en", "de")})
     marker = speech_dir / SETTINGS_NAME
@@ -186,7 +190,8 @@ def stage_data(con: _Console, speech_dir: Path, sizes: Sizes, progress: bool) ->
     con.log(f"synthesising {2 * (sizes.train + sizes.dev + sizes.test)} utterances "
             f"({sizes.train} train, {sizes.dev} dev, {sizes.test} test per language) into {speech_dir}")
     cfg = SynthConfig(output=speech_dir, languages=("en", "de"), count_train=sizes.train, count_dev=sizes.dev,
-                      count_test=sizes.test, heldout_count=sizes.heldout, seed=DATA_SEED, jobs=max(1, os.cpu_count() or 1))
+                      count_test=sizes.test, heldout_count=sizes.heldout, seed=DATA_SEED, jobs=max(1, os.cpu_count() or 1),
+                      vocab_size=vocab_size)
     result = synthesize_dataset(cfg, progress=progress, log=con.log)
     if result.failed:
         con.log(f"{len(result.failed)} utterances failed to synthesise and were left out")
@@ -242,7 +247,7 @@ def train_config(options: DemoOptions, speech: dict[str, Path], names_file: Path
         "data": {"train": str(speech["train"]), "dev": str(speech["dev"]), "max_batch": options.batch, "encode_batch": 16},
         "train": {
             "output_dir": str(train_dir), "overwrite": True, "seed": options.seed, "lr": options.lr,
-            "llm_lr": options.llm_lr, "weight_decay": 0.01, "warmup_steps": min(20, max(1, max_steps // 10)),
+            "llm_lr": options.llm_lr, "align_steps": options.align_steps, "align_lr": options.lr, "weight_decay": 0.01, "warmup_steps": min(20, max(1, max_steps // 10)),
             "schedule": "cosine", "max_steps": max_steps, "max_seconds": max_seconds, "clip_norm": 1.0,
             "log_every": max(1, min(5, max_steps // 10)), "eval_every": eval_every, "eval_max_utterances": dev_utterances,
             "save_every": 0, "keep_last": 1, "max_new_tokens": 48, "eval_batch": 8, "tensorboard": False,
@@ -451,7 +456,8 @@ def write_report(path: Path, metrics: dict[str, Any], predictions: list[dict[str
         "# conditune demo report", "",
         f"Speech LLM: frozen Whisper base (CTranslate2) → adaptor → SmolLM2-135M-Instruct, training the adaptor and "
         f"the {tr['tensors']} lowest-κ LLM tensors ({tr['parameters']:,} LLM parameters + "
-        f"{metrics.get('trainable_adaptor_parameters', 0):,} adaptor parameters) for {metrics['steps']} steps; "
+        f"{metrics.get('trainable_adaptor_parameters', 0):,} adaptor parameters) for {metrics['steps']} steps"
+        f"{' after ' + str(metrics['align_steps']) + ' CTC alignment steps of the adaptor' if metrics.get('align_steps') else ''}; "
         f"{metrics['seconds']:.0f} s in all (budget {metrics['budget_seconds']:.0f} s).", "",
         "## Results", "",
         "| metric | value |", "|---|---|",
@@ -534,7 +540,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
 
     speech_dir = Path(options.speech_dir) if options.speech_dir else conditune_home() / "demo" / "speech"
     con.stage(2, "data", f"English + German synthetic speech, {sizes.train}/{sizes.dev}/{sizes.test} train/dev/test per language")
-    speech, data_cached = stage_data(con, speech_dir, sizes, options.progress)
+    speech, data_cached = stage_data(con, speech_dir, sizes, options.progress, options.vocab_size)
     t = done("synthesis", t)
     names_file = output / "selected_names.txt"
     train_dir = output / "train"
@@ -560,7 +566,8 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
         if max_seconds - LLM_LOAD_S < 2 * STEP_S:
             raise ConditumeError(f"--minutes {options.minutes} leaves no time to train after the set-up "
                                  f"({setup_seconds:.0f} s) and the evaluation reserve ({reserve:.0f} s)")
-        max_steps = max(2, int((max_seconds - LLM_LOAD_S) / STEP_S_SAFE))  # train() loads the LLM inside its budget
+        # train() loads the LLM and runs the alignment steps inside its budget
+        max_steps = max(2, int((max_seconds - LLM_LOAD_S - options.align_steps * ALIGN_STEP_S) / STEP_S_SAFE))
     con.stage(4, "train", f"adaptor + {len(selection.chosen)} tensors, up to {max_steps} steps / {_clock(max(0, max_seconds))} "
               f"(evaluation reserve {_clock(reserve)})")
     from conditune.training.trainer import train
@@ -581,7 +588,8 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
         "wer": {k: ev["wer"].get(k, math.nan) for k in ("en", "de", "all")},
         "forgetting": {k: fe[k] for k in keys} | {"tokens": fe["tokens"], "texts": fe["texts"]},
         "trainable": {"tensors": len(selection.chosen), "parameters": selection.selected_params},
-        "steps": result.step,
+        "steps": max(0, result.step - options.align_steps),  # main steps (Algorithm 1)
+        "align_steps": min(result.step, options.align_steps),
         "seconds": 0.0,
         "forgetting_de": {k: fd[k] for k in keys} | {"tokens": fd["tokens"], "texts": fd["texts"]},
         "agreement": ({k: ev["agreement"][k] for k in ("agreement", "exact", "prompts")} if ev["agreement"] else None),
@@ -591,6 +599,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
         "setup_cached": setup_cached,
         "sizes": asdict(sizes),
         "train": {"stopped": result.stopped, "seconds_per_step": round(result.seconds_per_step, 3),
+                  "align_seconds_per_step": round(result.align_seconds_per_step, 3),
                   "final_loss": result.losses[max(result.losses)] if result.losses else None,
                   "dev_wer": {k: v for k, v in (result.eval or {}).items() if k != "counts"}},
         "selection": {"policy": selection.describe(), "share": selection.share},

@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         engines: str = typer.Option("auto", help="auto (espeak-ng + flite if installed) or a list: espeak-ng,flite,festival."),
         min_words: int = typer.Option(4, help="Shortest sentence in words."),
         max_words: int = typer.Option(20, help="Longest sentence in words."),
+        vocab_size: int = typer.Option(None, help="Speak only sentences made of the N most frequent words "
+                                                  "(a limited-vocabulary set a small CPU budget can learn)."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Synthesise train/dev/test speech from fortunes (or --text) with espeak-ng/flite; resumable."""
@@ -47,7 +49,7 @@ def register(app: typer.Typer) -> None:
             languages=tuple(lang.strip() for lang in languages.split(",") if lang.strip()),
             count_train=count_train, count_dev=count_dev, count_test=count_test,
             heldout_count=heldout_count, seed=seed, jobs=jobs, texts=_parse_texts(text),
-            engines=engine_list, min_words=min_words, max_words=max_words,
+            engines=engine_list, min_words=min_words, max_words=max_words, vocab_size=vocab_size,
         )
         result = synthesize_dataset(config, progress=progress, log=lambda msg: typer.echo(msg, err=True))
         typer.echo(f"engines: {', '.join(result.engines)}; synthesised {result.synthesized}, reused {result.reused}, "

@@ -12,6 +12,12 @@ held-out text and train, so the splits never share a sentence, and raising ``cou
 appends to train. The held-out sentences are written to ``heldout_text.<lang>.txt`` and never
 spoken: the forgetting evaluation measures the language model on them.
 
+``vocab_size=N`` (CLI ``--vocab-size N``) makes a limited-vocabulary set: train, dev and test keep only
+sentences whose every word is among the N most frequent words of the language's pool, so each word is
+heard many times (with the defaults 4-20 words and N=1000: ~2,100 English and ~1,100 German sentences).
+A model that must learn from a CPU budget of a few thousand utterances cannot learn words it hears once;
+this is the set it can. The held-out text is still drawn from the whole pool (general text).
+
 Speech comes from espeak-ng (every language; several accents for English, voice variants m1-m7 and
 f1-f5, speaking rate 130-200 words/min, pitch 30-70), and for English also from flite (voices kal16,
 awb, rms, slt; varied duration stretch and mean F0) when it is installed, and festival
@@ -38,6 +44,7 @@ import subprocess
 import tempfile
 import threading
 import unicodedata
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -467,30 +474,48 @@ class TextPlan:
     heldout: list[str]
 
 
+def common_words_only(sentences: Sequence[str], vocab_size: int) -> list[str]:
+    """The sentences whose every word (lower-cased letters) is among the ``vocab_size`` most frequent words of
+    ``sentences`` (ties broken alphabetically, so the result does not depend on the input order)."""
+    counts = Counter(word for sentence in sentences for word in dedupe_key(sentence).split())
+    vocab = {word for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:vocab_size]}
+    return [s for s in sentences if all(word in vocab for word in dedupe_key(s).split())]
+
+
 def plan_texts(
     sentences: Sequence[str], language: str, seed: int, counts: Mapping[str, int], heldout_count: int,
-    source: str = "",
+    source: str = "", vocab_size: int | None = None,
 ) -> TextPlan:
-    """Shuffle the pool with the seed and slice it: test, dev, held-out text, train."""
+    """Shuffle the pool with the seed and slice it: test, dev, held-out text, train.
+
+    ``vocab_size``: train/dev/test come from the common-words-only part of the pool (in the same shuffled
+    order), the held-out text from the rest of the whole pool."""
     pool = sorted(set(sentences))
     order = _rng("split", seed, language).permutation(len(pool))
     pool = [pool[i] for i in order]
+    spoken = common_words_only(pool, vocab_size) if vocab_size else pool
     needed = sum(counts.get(s, 0) for s in SPLITS)
-    if needed > len(pool):
+    if needed > len(spoken):
+        limited = f" with only the {vocab_size} most frequent words" if vocab_size else ""
         raise ConditumeError(
-            f"{language}: {needed} sentences wanted for train/dev/test but only {len(pool)} usable ones "
-            f"in {source or 'the text sources'}: lower the counts or add text with --text {language}=PATH"
+            f"{language}: {needed} sentences wanted for train/dev/test but only {len(spoken)} usable ones{limited} "
+            f"in {source or 'the text sources'}: lower the counts, raise the vocabulary or add text with --text {language}=PATH"
         )
-    heldout_n = min(heldout_count, len(pool) - needed)
     splits: dict[str, list[str]] = {}
     at = 0
     for split in ("test", "dev"):
-        splits[split] = pool[at : at + counts.get(split, 0)]
+        splits[split] = spoken[at : at + counts.get(split, 0)]
         at += counts.get(split, 0)
-    heldout = pool[at : at + heldout_n]
-    at += heldout_n
-    splits["train"] = pool[at : at + counts.get("train", 0)]
-    return TextPlan(language=language, pool_size=len(pool), splits=splits, heldout=heldout)
+    if vocab_size:  # held-out text: sentences with a rarer word, never spoken whatever the counts
+        speakable = set(spoken)
+        heldout = [s for s in pool if s not in speakable][:heldout_count]
+        splits["train"] = spoken[at : at + counts.get("train", 0)]
+    else:
+        heldout_n = min(heldout_count, len(pool) - needed)
+        heldout = pool[at : at + heldout_n]
+        at += heldout_n
+        splits["train"] = pool[at : at + counts.get("train", 0)]
+    return TextPlan(language=language, pool_size=len(spoken), splits=splits, heldout=heldout)
 
 
 def _file_hash(text: str, voice: Mapping[str, Any], sample_rate: int) -> str:
@@ -518,6 +543,7 @@ class SynthConfig:
     min_words: int = 4
     max_words: int = 20
     max_chars: int = 160
+    vocab_size: int | None = None  # limited-vocabulary set: only sentences of the N most frequent words
     sample_rate: int = SAMPLE_RATE
 
 
@@ -574,6 +600,8 @@ def synthesize_dataset(
                         ("count_test", config.count_test), ("heldout_count", config.heldout_count)):
         if value < 0:
             raise ConditumeError(f"{name} must be >= 0, got {value}")
+    if config.vocab_size is not None and config.vocab_size < 1:
+        raise ConditumeError(f"vocab_size must be >= 1, got {config.vocab_size}")
     if config.min_words < 1 or config.max_words < config.min_words:
         raise ConditumeError(f"word limits {config.min_words}..{config.max_words} are not a valid range")
     languages = tuple(dict.fromkeys(lang.strip() for lang in config.languages if lang.strip()))
@@ -595,7 +623,7 @@ def synthesize_dataset(
         sentences = extract_sentences(files, lang, config.min_words, config.max_words, config.max_chars)
         source = (", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
                   if lang in config.texts else str(FORTUNE_DIRS[lang]))
-        plan = plan_texts(sentences, lang, config.seed, counts, config.heldout_count, source)
+        plan = plan_texts(sentences, lang, config.seed, counts, config.heldout_count, source, config.vocab_size)
         plans[lang] = plan
         log(f"{lang}: {plan.pool_size} usable sentences; "
             + ", ".join(f"{s} {len(plan.splits[s])}" for s in SPLITS) + f", held-out text {len(plan.heldout)}")

@@ -9,7 +9,8 @@ positions start at the same magnitude).
 The adaptor also owns a small CTC head for the optional alignment stage of training
 (:meth:`conditune.speech.modeling.SpeechLLM.ctc_loss`): each output position is scored against the LLM's
 own frozen token embeddings plus a learned blank vector, which pulls the audio positions towards the
-embeddings of the words spoken, in order, before the LLM is asked to read them.
+embeddings of the words spoken, in order, before the LLM is asked to read them. With ``ctc_compress`` the
+same head decides which positions the LLM reads (:meth:`~conditune.speech.modeling.SpeechLLM.compress`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class AudioAdaptor(nn.Module):
         # log of the CTC logit scale: token-embedding dot products are small (SmolLM2: |e| ~ 3), so the
         # softmax over ~50k tokens needs a gain that can grow quickly
         self.ctc_log_scale = nn.Parameter(torch.tensor(math.log(4.0)))
+        # the token ids the CTC head scores (those of the training transcripts; empty: every token). Saved with
+        # the adaptor, so a loaded model compresses (ctc_compress) exactly as it did in training.
+        self.register_buffer("ctc_vocabulary", torch.zeros(0, dtype=torch.long))
 
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``frames [B, T, D_enc]``, ``lengths [B]`` -> ``(embeddings [B, ceil(T/k), D_llm], new lengths [B])``."""

@@ -50,6 +50,10 @@ class AdaptorConfig:
     # Scale the (layer-normed, RMS 1) outputs to the RMS of the LLM's token embeddings when the adaptor is
     # built. SmolLM2's embeddings have RMS 0.14: unscaled audio positions would be 7x louder than text.
     match_embedding_scale: bool = True
+    # CTC compression (not in the paper): the LLM reads only the positions whose greedy CTC label is a token,
+    # runs of the same label averaged, so about one position per spoken token, like text. Needs a trained
+    # CTC head (train.align_steps and/or train.ctc_weight).
+    ctc_compress: bool = False
 
 
 @dataclass

@@ -280,6 +280,7 @@ class SpeechLLM(nn.Module):
         ctc = self.ctc_loss(audio, audio_lengths, token_ids) if (ctc_weight or not run_llm) else None
         if not run_llm:
             return SpeechOutput(loss=ctc, num_tokens=sum(len(t) for t in token_ids), labels=None, ctc_loss=ctc)
+        audio, audio_lengths = self.llm_audio(audio, audio_lengths)
         out = self.loss_from_batch(self.build_inputs(audio, audio_lengths, token_ids))
         out.llm_loss = out.loss
         if ctc is not None:
@@ -289,26 +290,63 @@ class SpeechLLM(nn.Module):
 
     def set_ctc_vocabulary(self, token_ids: Sequence[int] | None) -> None:
         """Score the CTC head against these tokens only (those of the training transcripts): the loss then costs
-        a few thousand dot products per position instead of the whole vocabulary. ``None``: every token."""
-        if token_ids is None:
-            self._ctc_vocab = None
-            return
-        vocab = torch.tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long)
-        lookup = torch.full((self.core_llm.get_input_embeddings().weight.shape[0],), -1, dtype=torch.long)
-        lookup[vocab] = torch.arange(len(vocab))
-        self._ctc_vocab = (vocab, lookup)
+        a few thousand dot products per position instead of the whole vocabulary. ``None``: every token.
+        Kept in the adaptor's ``ctc_vocabulary`` buffer, so it is saved and loaded with the adaptor."""
+        vocab = sorted(set(int(t) for t in token_ids)) if token_ids is not None else []
+        self.adaptor.ctc_vocabulary = torch.tensor(vocab, dtype=torch.long, device=self.adaptor.ctc_vocabulary.device)
+
+    @property
+    def _ctc_vocab(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token ids scored, lookup token id -> column or -1), or None when every token is scored."""
+        vocab = self.adaptor.ctc_vocabulary
+        if vocab.numel() == 0:
+            return None
+        lookup = torch.full((self.core_llm.get_input_embeddings().weight.shape[0],), -1, dtype=torch.long, device=vocab.device)
+        lookup[vocab] = torch.arange(len(vocab), device=vocab.device)
+        return vocab, lookup
 
     def ctc_logits(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, T, V' + 1]`` logits (each adaptor output scored against the token embeddings; blank last) and the
         token id of each column (None: all of them, in order)."""
         table = self.core_llm.get_input_embeddings().weight.detach()
-        vocab = getattr(self, "_ctc_vocab", None)
         columns = None
-        if vocab is not None:
-            columns = vocab[0].to(table.device)
+        if self.adaptor.ctc_vocabulary.numel():
+            columns = self.adaptor.ctc_vocabulary.to(table.device)
             table = table[columns]
         table = torch.cat([table, self.adaptor.ctc_blank[None].to(table.dtype)])
         return (audio @ table.to(audio.dtype).T).float() * self.adaptor.ctc_log_scale.exp(), columns
+
+    def llm_audio(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The audio positions the LLM reads: all of them, or the CTC-compressed ones (``adaptor.ctc_compress``)."""
+        return self.compress(audio, lengths) if self.config.adaptor.ctc_compress else (audio, lengths)
+
+    def compress(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CTC compression: keep the positions whose greedy CTC label is a token, averaging each run of one label
+        (a new run starts after a blank or at a label change, as CTC decoding collapses them). The choice is not
+        differentiable; the kept vectors are. An utterance with no token position keeps its least-blank one."""
+        with torch.no_grad():
+            logits, _ = self.ctc_logits(audio)
+            blank = logits.shape[-1] - 1
+            labels = logits.argmax(-1)
+            token_margin = logits[..., :blank].max(-1).values - logits[..., blank]
+        rows = []
+        for b, n in enumerate(lengths.tolist()):
+            keep = (labels[b, :n] != blank).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                keep = token_margin[b, :n].argmax().reshape(1)
+            lab = labels[b, keep]
+            new_run = torch.ones_like(keep, dtype=torch.bool)
+            new_run[1:] = (keep[1:] != keep[:-1] + 1) | (lab[1:] != lab[:-1])
+            run = new_run.cumsum(0) - 1
+            runs = int(run[-1]) + 1
+            summed = audio.new_zeros(runs, audio.shape[-1]).index_add(0, run, audio[b, keep])
+            counts = torch.bincount(run, minlength=runs).to(audio.dtype).unsqueeze(1)
+            rows.append(summed / counts)
+        new_lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long, device=audio.device)
+        out = audio.new_zeros(len(rows), int(new_lengths.max()), audio.shape[-1])
+        for b, r in enumerate(rows):
+            out[b, : r.shape[0]] = r
+        return out, new_lengths
 
     def ctc_loss(self, audio: torch.Tensor, audio_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """CTC of the text tokens against the adaptor outputs (mean over the batch of per-token losses)."""
@@ -317,7 +355,7 @@ class SpeechLLM(nn.Module):
         blank = log_probs.shape[-1] - 1
         targets = torch.tensor([t for seq in token_ids for t in seq], dtype=torch.long, device=audio.device)
         if columns is not None:
-            targets = self._ctc_vocab[1].to(audio.device)[targets]
+            targets = self._ctc_vocab[1][targets.to(columns.device)].to(audio.device)
             if bool((targets < 0).any()):
                 raise ConditumeError("a transcript token is missing from the CTC vocabulary (set_ctc_vocabulary)")
         target_lengths = torch.tensor([len(seq) for seq in token_ids], dtype=torch.long, device=audio.device)
@@ -385,7 +423,7 @@ class SpeechLLM(nn.Module):
         self.eval()
         try:
             device = self.device
-            audio, audio_lengths = self.adaptor(frames.to(device), frame_lengths.to(device))
+            audio, audio_lengths = self.llm_audio(*self.adaptor(frames.to(device), frame_lengths.to(device)))
             emb_layer = self.core_llm.get_input_embeddings()
             dtype = emb_layer.weight.dtype
             bos = emb_layer(torch.tensor([self.bos_token_id], device=device))
@@ -476,6 +514,9 @@ class SpeechLLM(nn.Module):
             raise ConditumeError(f"{directory}: no {ADAPTOR_NAME} (not a conditune speech model)") from None
         except Exception as exc:  # noqa: BLE001
             raise ConditumeError(f"{directory / ADAPTOR_NAME}: unreadable ({exc})") from None
+        # the CTC vocabulary buffer: its size is that of the saved run (absent before 2026-12-02: every token)
+        state.setdefault("ctc_vocabulary", torch.zeros(0, dtype=torch.long))
+        self.adaptor.ctc_vocabulary = torch.zeros_like(state["ctc_vocabulary"], device=self.adaptor.ctc_vocabulary.device)
         try:
             self.adaptor.load_state_dict(state)
         except RuntimeError as exc:

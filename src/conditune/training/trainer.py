@@ -3,8 +3,8 @@
 ``train(config)`` is the whole of ``conditune train``: it reads the manifests, encodes every utterance
 once with the frozen encoder (cached on disk), builds length-bucketed batches, and runs AdamW with
 warmup + cosine/linear decay, gradient clipping and accumulation under an ``accelerate.Accelerator``
-(bf16 autocast on GPU when ``train.mixed_precision: bf16``). It evaluates WER on the dev manifest every
-``eval_every`` steps, writes checkpoints every ``save_every`` steps (keeping the last ``keep_last``),
+(bf16 autocast on GPU when ``train.mixed_precision: bf16``). Optional ``align_steps`` CTC steps of the
+adaptor alone come first. It evaluates WER on the dev manifest every ``eval_every`` main steps, writes checkpoints every ``save_every`` steps (keeping the last ``keep_last``),
 logs metrics to ``metrics.jsonl`` (and TensorBoard when installed), and stops at ``max_steps`` or after
 ``max_seconds`` of wall-clock time, whichever comes first.
 
@@ -49,7 +49,8 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # optimizer step -> mean loss of its micro-batches
     eval: dict[str, Any] | None = None
     elapsed_s: float = 0.0
-    seconds_per_step: float = 0.0
+    seconds_per_step: float = 0.0  # main steps only, evaluations and checkpoints excluded
+    align_seconds_per_step: float = 0.0  # alignment (CTC) steps, likewise
     tokens_per_second: float = 0.0  # LLM positions (audio + text) processed per second
     train_utterances: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
@@ -63,6 +64,7 @@ class TrainResult:
             "step": self.step, "total_steps": self.total_steps, "stopped": self.stopped,
             "final_loss": self.losses[max(self.losses)] if self.losses else None, "eval": self.eval,
             "elapsed_s": round(self.elapsed_s, 3), "seconds_per_step": round(self.seconds_per_step, 4),
+            "align_seconds_per_step": round(self.align_seconds_per_step, 4),
             "tokens_per_second": round(self.tokens_per_second, 1), "train_utterances": self.train_utterances,
             "skipped": self.skipped, "trainable_params": self.trainable_params,
             "trainable_llm_params": self.trainable_llm_params, "data_sha": self.data_sha,
@@ -94,6 +96,21 @@ def read_manifests(paths: str | Sequence[str] | None, strict: bool) -> tuple[lis
         utterances += data.utterances
         skipped += len(data.skipped)
     return utterances, skipped
+
+
+def balanced_subset(utterances: Sequence, limit: int) -> list:
+    """At most ``limit`` utterances, shared evenly between the languages (the first ones of each, in manifest
+    order), so a dev subset of a manifest sorted by language still scores every language."""
+    by_language: dict[str, list] = {}
+    for utt in utterances:
+        by_language.setdefault(getattr(utt, "language", "en") or "en", []).append(utt)
+    chosen: set[int] = set()
+    share, left = divmod(limit, max(1, len(by_language)))
+    for group in by_language.values():  # an uneven remainder goes to the first languages
+        take = share + (1 if left > 0 else 0)
+        left -= 1
+        chosen.update(id(u) for u in group[:take])
+    return [u for u in utterances if id(u) in chosen]
 
 
 def prepare_examples(utterances, model, cache, *, strict: bool, batch_size: int, max_text_tokens: int | None,
@@ -332,6 +349,8 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
         shutil.rmtree(ckpt.checkpoints_root(out), ignore_errors=True)
         shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
 
+    if config.model.adaptor.ctc_compress and not (t.align_steps or t.ctc_weight):
+        raise ConditumeError("model.adaptor.ctc_compress needs a trained CTC head: set train.align_steps and/or train.ctc_weight")
     set_seed(t.seed)
     # Under DDP the LLM's trainable tensors get no gradient in alignment steps: DDP must then expect unused ones.
     accelerator = _make_accelerator(t.mixed_precision, cpu=(t.device == "cpu"), find_unused=t.align_steps > 0)
@@ -344,7 +363,7 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
     train_utts, train_bad_rows = read_manifests(config.data.train, config.data.strict)
     dev_utts, dev_bad_rows = read_manifests(config.data.dev, config.data.strict)
     if t.eval_max_utterances:
-        dev_utts = dev_utts[: t.eval_max_utterances]
+        dev_utts = balanced_subset(dev_utts, t.eval_max_utterances)
     log(f"encoding {len(train_utts) + len(dev_utts)} utterances with the frozen {model.encoder.backend} encoder (cached)")
     with _encode_progress(t.progress, len(train_utts) + len(dev_utts)) as advance:
         train_ex, train_skip = prepare_examples(train_utts, model, cache, strict=config.data.strict, progress=advance,
@@ -463,11 +482,13 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
     batches = epoch_batches(epoch)
     window_loss, window_steps = 0.0, 0
     run_steps, run_tokens, loop_start = 0, 0, time.monotonic()
+    phase_seconds, phase_steps = {True: 0.0, False: 0.0}, {True: 0, False: 0}  # keyed by "aligning"
     eval_result = None
     last_saved = step if resume_from is not None else -1
     try:
         while step < total_steps:
             aligning = step < t.align_steps
+            step_start = time.monotonic()
             step_loss, step_tokens = torch.zeros((), device=accelerator.device), 0
             for micro in range(t.grad_accum):
                 idx = next_batch()
@@ -487,6 +508,8 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             run_steps += 1
+            phase_seconds[aligning] += time.monotonic() - step_start
+            phase_steps[aligning] += 1
             step_loss = float(accelerator.reduce(step_loss, "mean")) if world > 1 else float(step_loss)
             tokens_seen += step_tokens * world
             run_tokens += step_tokens * world
@@ -506,7 +529,8 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
             if stop_after_steps is not None and run_steps >= stop_after_steps and step < total_steps:
                 result.stopped = "stop_after_steps"
                 break
-            if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+            # evaluations count main steps: in the alignment stage the LLM has not changed and cannot read yet
+            if t.eval_every and step > t.align_steps and (step - t.align_steps) % t.eval_every == 0 and step < total_steps:
                 eval_result = run_eval()
                 model.train()
             if t.save_every and step % t.save_every == 0 and step < total_steps:
@@ -522,7 +546,8 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
     loop_elapsed = time.monotonic() - loop_start
     result.step = step
     result.data_sha = data_sha
-    result.seconds_per_step = loop_elapsed / max(run_steps, 1)
+    result.seconds_per_step = phase_seconds[False] / max(phase_steps[False], 1)
+    result.align_seconds_per_step = phase_seconds[True] / max(phase_steps[True], 1)
     result.tokens_per_second = run_tokens / max(loop_elapsed, 1e-9)
     if result.stopped == "stop_after_steps":  # a simulated kill: nothing more is written
         metrics.close()
