@@ -43,6 +43,7 @@ from conditune.training.trainer import balanced_subset, make_cache, prepare_exam
 
 def probe(model: SpeechLLM, cache, train_ex, dev_ex, *, lr: float, steps: int, batch: int, eval_every: int,
           seed: int) -> dict:
+    model.set_ctc_vocabulary(None)  # the fresh state's (empty) vocabulary buffer, then this data set's
     model.adaptor.load_state_dict(model._fresh_adaptor_state)
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -74,7 +75,7 @@ def probe(model: SpeechLLM, cache, train_ex, dev_ex, *, lr: float, steps: int, b
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if step % eval_every == 0 or step == steps:
                 mean = sum(losses[-eval_every:]) / len(losses[-eval_every:])
@@ -83,6 +84,20 @@ def probe(model: SpeechLLM, cache, train_ex, dev_ex, *, lr: float, steps: int, b
             if step >= steps:
                 break
     return {"curve": curve, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def write_markdown(path: Path, output: dict) -> None:
+    machine = output["machine"]
+    described = ", ".join(f"{k} {v}" for k, v in machine.items()) if isinstance(machine, dict) else str(machine)
+    lines = [f"# Adaptor CTC alignment probes ({output['date']})", "", f"Machine: {described}. "
+             f"{output['steps']} adaptor-only CTC steps at batch {output['batch']}, seed {output['seed']}; dev WER of greedy "
+             "CTC decoding against the LLM's token embeddings.", "",
+             "| data | train utts | token types (heard once) | lr | dev WER by step | s |", "|---|---|---|---|---|---|"]
+    for s in output["settings"]:
+        curve = ", ".join(f"{c['step']}: {c['dev_wer']:.0f} %" for c in s["curve"])
+        lines.append(f"| {s['data']} | {s['train_utterances']} | {s['token_types']} ({s['types_heard_once']}) | "
+                     f"{s['lr']:g} | {curve} | {s['seconds']:.0f} |")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -132,15 +147,7 @@ def main(argv=None) -> int:
               "settings": settings}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.output, output)
-    lines = [f"# Adaptor CTC alignment probes ({output['date']})", "", f"Machine: {output['machine']}. "
-             f"{args.steps} adaptor-only CTC steps at batch {args.batch}, seed {args.seed}; dev WER of greedy CTC "
-             "decoding against the LLM's token embeddings.", "",
-             "| data | train utts | token types (heard once) | lr | dev WER by step | s |", "|---|---|---|---|---|---|"]
-    for s in settings:
-        curve = ", ".join(f"{c['step']}: {c['dev_wer']:.0f} %" for c in s["curve"])
-        lines.append(f"| {s['data']} | {s['train_utterances']} | {s['token_types']} ({s['types_heard_once']}) | "
-                     f"{s['lr']:g} | {curve} | {s['seconds']:.0f} |")
-    atomic_write_text(args.output.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_markdown(args.output.with_suffix(".md"), output)
     print(f"wrote {args.output} and {args.output.with_suffix('.md')}")
     return 0
 
