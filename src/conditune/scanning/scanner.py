@@ -76,13 +76,17 @@ def scan_source(
     store = ScanCache(cache_key(fingerprint, options.cache_options()), Path(cache_folder) if cache_folder else None) if cache else None
     done = store.load() if store else {}
 
-    rank, world = _distributed_rank_world()
+    rank, world, own_group = _distributed_rank_world()
     todo = [i for i in infos if _needs_work(i, done)]
     mine = assign_work(todo, world)[rank]
     started = time.perf_counter()
     new = _scan_tensors(src, mine, options, store, _progress_reporter(progress, mine, rank))
     if world > 1:
         new = _gather(new)
+        if own_group:  # a process group left at exit aborts gloo's threads ("terminate called without an active exception")
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     by_name = {**done, **{r.name: r for r in new}}
     records = [record for info in infos for record in _records_for(info, by_name)]
     meta = {
@@ -224,18 +228,20 @@ def analyse_record(name: str, matrix: torch.Tensor, info: TensorInfo, full_spect
 # distributed (torchrun): each rank scans its share, everyone gets everything
 
 
-def _distributed_rank_world() -> tuple[int, int]:
+def _distributed_rank_world() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group: then the scan destroys it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), created
 
 
 def _gather(records: list[TensorRecord]) -> list[TensorRecord]:
