@@ -41,10 +41,10 @@ from conditune.training.config import load_train_config
 from conditune.training.trainer import balanced_subset, make_cache, prepare_examples, read_manifests
 
 
-def probe(model: SpeechLLM, cache, train_ex, dev_ex, *, lr: float, steps: int, batch: int, eval_every: int,
-          seed: int) -> dict:
+def probe(model: SpeechLLM, fresh_state: dict, cache, train_ex, dev_ex, *, lr: float, steps: int, batch: int,
+          eval_every: int, seed: int) -> dict:
     model.set_ctc_vocabulary(None)  # the fresh state's (empty) vocabulary buffer, then this data set's
-    model.adaptor.load_state_dict(model._fresh_adaptor_state)
+    model.adaptor.load_state_dict(fresh_state)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model.set_ctc_vocabulary([t for e in train_ex + dev_ex for t in e.tokens])
@@ -121,9 +121,8 @@ def main(argv=None) -> int:
     config = load_train_config(args.config, ["model.trainable.mode=none", f"train.seed={args.seed}"])
     torch.manual_seed(args.seed)
     model = SpeechLLM.build(config.model, for_training=True)
-    model._fresh_adaptor_state = {k: v.clone() for k, v in model.adaptor.state_dict().items()}
+    fresh_state = {k: v.clone() for k, v in model.adaptor.state_dict().items()}  # every setting starts here
     cache = make_cache(config, model.encoder)
-    torch.set_num_threads(torch.get_num_threads())
 
     settings = []
     for folder in datasets:
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
         once = sum(1 for n in Counter(tokens).values() if n == 1)
         for lr in lrs:
             print(f"{folder} lr {lr:g}", flush=True)
-            result = probe(model, cache, train_ex, dev_ex, lr=lr, steps=args.steps, batch=args.batch,
+            result = probe(model, fresh_state, cache, train_ex, dev_ex, lr=lr, steps=args.steps, batch=args.batch,
                            eval_every=args.eval_every, seed=args.seed)
             settings.append({"data": str(folder), "train_utterances": len(train_ex), "dev_utterances": len(dev_ex),
                              "train_tokens": len(tokens), "token_types": len(set(tokens)), "types_heard_once": once,

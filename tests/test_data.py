@@ -336,6 +336,11 @@ def test_plan_texts_limited_vocabulary():
         synth.plan_texts(pool, "en", 3, {**counts, "train": 3}, 0, vocab_size=6)
 
 
+def test_synth_rejects_a_vocabulary_below_one(tmp_path):
+    with pytest.raises(ConditumeError, match="vocab_size must be >= 1"):
+        synth.synthesize_dataset(synth.SynthConfig(output=tmp_path / "s", vocab_size=0), progress=False)
+
+
 def test_choose_voice_deterministic():
     engines = ["espeak-ng", "flite"]
     a = synth.choose_voice("Hello there my friend.", "en", 0, engines)
