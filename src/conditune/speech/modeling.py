@@ -295,16 +295,6 @@ class SpeechLLM(nn.Module):
         vocab = sorted(set(int(t) for t in token_ids)) if token_ids is not None else []
         self.adaptor.ctc_vocabulary = torch.tensor(vocab, dtype=torch.long, device=self.adaptor.ctc_vocabulary.device)
 
-    @property
-    def _ctc_vocab(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(token ids scored, lookup token id -> column or -1), or None when every token is scored."""
-        vocab = self.adaptor.ctc_vocabulary
-        if vocab.numel() == 0:
-            return None
-        lookup = torch.full((self.core_llm.get_input_embeddings().weight.shape[0],), -1, dtype=torch.long, device=vocab.device)
-        lookup[vocab] = torch.arange(len(vocab), device=vocab.device)
-        return vocab, lookup
-
     def ctc_logits(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, T, V' + 1]`` logits (each adaptor output scored against the token embeddings; blank last) and the
         token id of each column (None: all of them, in order)."""
@@ -343,10 +333,7 @@ class SpeechLLM(nn.Module):
             counts = torch.bincount(run, minlength=runs).to(audio.dtype).unsqueeze(1)
             rows.append(summed / counts)
         new_lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long, device=audio.device)
-        out = audio.new_zeros(len(rows), int(new_lengths.max()), audio.shape[-1])
-        for b, r in enumerate(rows):
-            out[b, : r.shape[0]] = r
-        return out, new_lengths
+        return nn.utils.rnn.pad_sequence(rows, batch_first=True), new_lengths
 
     def ctc_loss(self, audio: torch.Tensor, audio_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """CTC of the text tokens against the adaptor outputs (mean over the batch of per-token losses)."""
@@ -354,10 +341,12 @@ class SpeechLLM(nn.Module):
         log_probs = logits.log_softmax(-1).transpose(0, 1)  # [T, B, V' + 1]
         blank = log_probs.shape[-1] - 1
         targets = torch.tensor([t for seq in token_ids for t in seq], dtype=torch.long, device=audio.device)
-        if columns is not None:
-            targets = self._ctc_vocab[1][targets.to(columns.device)].to(audio.device)
-            if bool((targets < 0).any()):
+        if columns is not None:  # token id -> its column (the vocabulary is sorted)
+            columns = columns.to(audio.device)
+            found = torch.searchsorted(columns, targets).clamp(max=len(columns) - 1)
+            if not bool((columns[found] == targets).all()):
                 raise ConditumeError("a transcript token is missing from the CTC vocabulary (set_ctc_vocabulary)")
+            targets = found
         target_lengths = torch.tensor([len(seq) for seq in token_ids], dtype=torch.long, device=audio.device)
         # zero_infinity: an utterance with more tokens than positions contributes nothing instead of inf
         return nn.functional.ctc_loss(log_probs, targets, audio_lengths.to(audio.device), target_lengths, blank=blank,

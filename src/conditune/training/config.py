@@ -101,6 +101,8 @@ class TrainConfig:
             raise ConditumeError("train.max_steps must be >= 1")
         if t.align_steps < 0 or t.ctc_weight < 0:
             raise ConditumeError("train.align_steps and train.ctc_weight must be >= 0")
+        if self.model.adaptor.ctc_compress and not (t.align_steps or t.ctc_weight):
+            raise ConditumeError("model.adaptor.ctc_compress needs a trained CTC head: set train.align_steps and/or train.ctc_weight")
         if not self.data.train:
             raise ConditumeError("data.train (a manifest) is not set")
 

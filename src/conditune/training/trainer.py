@@ -4,8 +4,8 @@
 once with the frozen encoder (cached on disk), builds length-bucketed batches, and runs AdamW with
 warmup + cosine/linear decay, gradient clipping and accumulation under an ``accelerate.Accelerator``
 (bf16 autocast on GPU when ``train.mixed_precision: bf16``). Optional ``align_steps`` CTC steps of the
-adaptor alone come first. It evaluates WER on the dev manifest every ``eval_every`` main steps, writes checkpoints every ``save_every`` steps (keeping the last ``keep_last``),
-logs metrics to ``metrics.jsonl`` (and TensorBoard when installed), and stops at ``max_steps`` or after
+adaptor alone come first. It evaluates WER on the dev manifest every ``eval_every`` main steps, writes
+checkpoints every ``save_every`` steps (keeping the last ``keep_last``), logs metrics to ``metrics.jsonl`` (and TensorBoard when installed), and stops at ``max_steps`` or after
 ``max_seconds`` of wall-clock time, whichever comes first.
 
 Hooks for experiments (``conditune experiment``): ``eval_hook(step, model)`` runs at every evaluation
@@ -101,16 +101,13 @@ def read_manifests(paths: str | Sequence[str] | None, strict: bool) -> tuple[lis
 def balanced_subset(utterances: Sequence, limit: int) -> list:
     """At most ``limit`` utterances, shared evenly between the languages (the first ones of each, in manifest
     order), so a dev subset of a manifest sorted by language still scores every language."""
-    by_language: dict[str, list] = {}
-    for utt in utterances:
-        by_language.setdefault(getattr(utt, "language", "en") or "en", []).append(utt)
-    chosen: set[int] = set()
-    share, left = divmod(limit, max(1, len(by_language)))
-    for group in by_language.values():  # an uneven remainder goes to the first languages
-        take = share + (1 if left > 0 else 0)
-        left -= 1
-        chosen.update(id(u) for u in group[:take])
-    return [u for u in utterances if id(u) in chosen]
+    by_language: dict[str, list[int]] = {}
+    for i, utt in enumerate(utterances):
+        by_language.setdefault(getattr(utt, "language", "en") or "en", []).append(i)
+    share, extra = divmod(limit, max(1, len(by_language)))
+    chosen = {i for n, group in enumerate(by_language.values())  # an uneven remainder goes to the first languages
+              for i in group[: share + (n < extra)]}
+    return [u for i, u in enumerate(utterances) if i in chosen]
 
 
 def prepare_examples(utterances, model, cache, *, strict: bool, batch_size: int, max_text_tokens: int | None,
@@ -349,8 +346,6 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
         shutil.rmtree(ckpt.checkpoints_root(out), ignore_errors=True)
         shutil.rmtree(out / FINAL_DIR, ignore_errors=True)
 
-    if config.model.adaptor.ctc_compress and not (t.align_steps or t.ctc_weight):
-        raise ConditumeError("model.adaptor.ctc_compress needs a trained CTC head: set train.align_steps and/or train.ctc_weight")
     set_seed(t.seed)
     # Under DDP the LLM's trainable tensors get no gradient in alignment steps: DDP must then expect unused ones.
     accelerator = _make_accelerator(t.mixed_precision, cpu=(t.device == "cpu"), find_unused=t.align_steps > 0)
