@@ -325,3 +325,36 @@ def test_ctc_compression_keeps_token_positions_and_averages_runs(assets, tmp_pat
     m.save_pretrained(tmp_path / "m")
     loaded = SpeechLLM.from_pretrained(tmp_path / "m")
     assert loaded.adaptor.ctc_vocabulary.tolist() == [5, 7] and loaded.config.adaptor.ctc_compress
+
+
+def test_ctc_embedding_readout_mixes_token_embeddings_by_posterior(assets):
+    cfg = model_config(assets["whisper"], assets["llm"], "none")
+    cfg["adaptor"].update(ctc_compress=True, ctc_readout="embeddings")
+    m = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg))
+    emb = m.core_llm.get_input_embeddings().weight
+    dim = emb.shape[1]
+    basis = torch.linalg.qr(torch.randn(dim, 3, generator=torch.Generator().manual_seed(1)))[0].T
+    with torch.no_grad():
+        emb[5], emb[7], m.adaptor.ctc_blank[:] = basis[0], basis[1], basis[2]
+        m.adaptor.ctc_log_scale.fill_(0.0)  # logits are plain dot products
+    m.set_ctc_vocabulary([5, 7])
+    e5, e7, blank = basis
+    # labels: blank, 5, 5, 7 -> runs (5 5) (7); each kept vector is softmax over tokens 5, 7 (blank left out)
+    row = torch.stack([3 * blank, 2 * e5, e5 + 0.5 * e7, 3 * e7]).requires_grad_(True)
+    out, lengths = m.compress(row[None], torch.tensor([4]))
+    assert lengths.tolist() == [2]
+
+    def mix(vec):
+        p = torch.softmax(torch.stack([vec @ e5, vec @ e7]), 0)
+        return p[0] * emb[5] + p[1] * emb[7]
+
+    torch.testing.assert_close(out[0, 0], (mix(row[1]) + mix(row[2])) / 2)
+    torch.testing.assert_close(out[0, 1], mix(row[3]))
+    out.sum().backward()  # gradients reach the adaptor through the posterior; dropped positions get none
+    assert row.grad[0].abs().sum() == 0 and row.grad[1].abs().sum() > 0
+    cfg["adaptor"]["ctc_compress"] = False
+    with pytest.raises(ConditumeError, match="ctc_readout 'embeddings' needs"):
+        SpeechLLMConfig.from_dict(cfg).validate()
+    cfg["adaptor"].update(ctc_compress=True, ctc_readout="tokens")
+    with pytest.raises(ConditumeError, match="ctc_readout must be one of"):
+        SpeechLLMConfig.from_dict(cfg).validate()

@@ -16,6 +16,7 @@ from conditune.errors import ConditumeError
 
 ENCODER_BACKENDS = ("hf", "ct2")
 TRAINABLE_MODES = ("names", "none", "all", "lora")
+CTC_READOUTS = ("adaptor", "embeddings")
 
 
 @dataclass
@@ -54,6 +55,10 @@ class AdaptorConfig:
     # runs of the same label averaged, so about one position per spoken token, like text. Needs a trained
     # CTC head (train.align_steps and/or train.ctc_weight).
     ctc_compress: bool = False
+    # What the LLM reads at each compressed position: "adaptor" (the adaptor's own vector, averaged over the
+    # run) or "embeddings" (the CTC posterior over tokens times the LLM's own token embeddings, averaged over
+    # the run, as LegoSLM does): confident positions then look like text to the LLM. Needs ctc_compress.
+    ctc_readout: str = "adaptor"
 
 
 @dataclass
@@ -114,6 +119,10 @@ class SpeechLLMConfig:
             raise ConditumeError("model.trainable.mode is 'names' but neither names_file nor names is given")
         if self.adaptor.subsample < 1 or self.adaptor.depth < 0 or self.adaptor.heads < 1:
             raise ConditumeError("model.adaptor: subsample and heads must be >= 1, depth >= 0")
+        if self.adaptor.ctc_readout not in CTC_READOUTS:
+            raise ConditumeError(f"model.adaptor.ctc_readout must be one of {', '.join(CTC_READOUTS)}, not {self.adaptor.ctc_readout!r}")
+        if self.adaptor.ctc_readout == "embeddings" and not self.adaptor.ctc_compress:
+            raise ConditumeError("model.adaptor.ctc_readout 'embeddings' needs model.adaptor.ctc_compress: true")
 
 
 def build_dataclass(cls, data: Any, where: str, registry: dict | None = None):

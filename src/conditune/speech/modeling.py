@@ -295,14 +295,18 @@ class SpeechLLM(nn.Module):
         vocab = sorted(set(int(t) for t in token_ids)) if token_ids is not None else []
         self.adaptor.ctc_vocabulary = torch.tensor(vocab, dtype=torch.long, device=self.adaptor.ctc_vocabulary.device)
 
+    def ctc_token_table(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen token embeddings the CTC head scores against (``[V', D]``) and their token ids (None: all)."""
+        table = self.core_llm.get_input_embeddings().weight.detach()
+        if not self.adaptor.ctc_vocabulary.numel():
+            return table, None
+        columns = self.adaptor.ctc_vocabulary.to(table.device)
+        return table[columns], columns
+
     def ctc_logits(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, T, V' + 1]`` logits (each adaptor output scored against the token embeddings; blank last) and the
         token id of each column (None: all of them, in order)."""
-        table = self.core_llm.get_input_embeddings().weight.detach()
-        columns = None
-        if self.adaptor.ctc_vocabulary.numel():
-            columns = self.adaptor.ctc_vocabulary.to(table.device)
-            table = table[columns]
+        table, columns = self.ctc_token_table()
         table = torch.cat([table, self.adaptor.ctc_blank[None].to(table.dtype)])
         return (audio @ table.to(audio.dtype).T).float() * self.adaptor.ctc_log_scale.exp(), columns
 
@@ -313,12 +317,21 @@ class SpeechLLM(nn.Module):
     def compress(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CTC compression: keep the positions whose greedy CTC label is a token, averaging each run of one label
         (a new run starts after a blank or at a label change, as CTC decoding collapses them). The choice is not
-        differentiable; the kept vectors are. An utterance with no token position keeps its least-blank one."""
-        with torch.no_grad():
+        differentiable; the kept vectors are. An utterance with no token position keeps its least-blank one.
+        With ``ctc_readout: embeddings`` each kept vector is the CTC posterior over tokens (blank left out)
+        times the LLM's token embeddings, so gradients reach the adaptor through the posterior."""
+        soft = self.config.adaptor.ctc_readout == "embeddings"
+        with torch.set_grad_enabled(soft and torch.is_grad_enabled()):
             logits, _ = self.ctc_logits(audio)
-            blank = logits.shape[-1] - 1
+        blank = logits.shape[-1] - 1
+        with torch.no_grad():
             labels = logits.argmax(-1)
             token_margin = logits[..., :blank].max(-1).values - logits[..., blank]
+        if soft:
+            table, _ = self.ctc_token_table()
+            values = logits[..., :blank].softmax(-1).to(table.dtype) @ table
+        else:
+            values = audio
         rows = []
         for b, n in enumerate(lengths.tolist()):
             keep = (labels[b, :n] != blank).nonzero().squeeze(1)
@@ -329,8 +342,8 @@ class SpeechLLM(nn.Module):
             new_run[1:] = (keep[1:] != keep[:-1] + 1) | (lab[1:] != lab[:-1])
             run = new_run.cumsum(0) - 1
             runs = int(run[-1]) + 1
-            summed = audio.new_zeros(runs, audio.shape[-1]).index_add(0, run, audio[b, keep])
-            counts = torch.bincount(run, minlength=runs).to(audio.dtype).unsqueeze(1)
+            summed = values.new_zeros(runs, values.shape[-1]).index_add(0, run, values[b, keep])
+            counts = torch.bincount(run, minlength=runs).to(values.dtype).unsqueeze(1)
             rows.append(summed / counts)
         new_lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long, device=audio.device)
         return nn.utils.rnn.pad_sequence(rows, batch_first=True), new_lengths
