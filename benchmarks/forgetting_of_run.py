@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Forgetting of a trained speech LLM's LLM alone, measured as the demo and the experiment measure it.
+
+Perplexity and mean per-token KL(base ‖ adapted) on held-out sentences per language, and greedy-answer
+agreement with the base model on the first ``--prompts`` English instructions of
+``conditune.evaluation.forgetting.DEFAULT_INSTRUCTIONS``.
+
+    python benchmarks/forgetting_of_run.py runs/speech_demo \\
+        --heldout en=data/speech_v1000/heldout_text.en.txt --heldout de=data/speech_v1000/heldout_text.de.txt \\
+        --output results/speech_listening/forgetting.json
+
+Writes JSON (metrics per language, agreement, machine, seconds) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from conditune.demo import machine_description
+from conditune.evaluation.forgetting import DEFAULT_INSTRUCTIONS, greedy_agreement, load_llm_pair, read_texts, text_metrics
+from conditune.io import atomic_write_json
+from conditune.cli.transcribe import resolve_model_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="trained model folder, checkpoint, or training output folder")
+    parser.add_argument("--heldout", action="append", default=[], metavar="LANG=PATH", help="held-out text file per language")
+    parser.add_argument("--limit", type=int, default=100, help="held-out sentences per language")
+    parser.add_argument("--prompts", type=int, default=10, help="English instructions for greedy agreement")
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    base, adapted, tokenizer = load_llm_pair(resolve_model_dir(args.run))
+    result: dict = {"run": str(args.run), "machine": machine_description(), "forgetting": {}}
+    for item in args.heldout:
+        lang, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"forgetting_of_run: --heldout wants LANG=PATH, got {item!r}")
+        m = text_metrics(base, adapted, tokenizer, read_texts(path, limit=args.limit), batch_size=16, max_tokens=128)
+        result["forgetting"][lang] = m
+        print(f"{lang}: perplexity {m['perplexity_base']:.2f} -> {m['perplexity_adapted']:.2f}, KL {m['kl_to_base']:.4f}")
+    if args.prompts:
+        a = greedy_agreement(base, adapted, tokenizer, DEFAULT_INSTRUCTIONS["en"][: args.prompts], max_new_tokens=24)
+        result["agreement"] = a
+        print(f"greedy agreement: {100 * a['agreement']:.1f}% of tokens")
+    result["seconds"] = round(time.monotonic() - start, 1)
+    atomic_write_json(args.output, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
