@@ -427,11 +427,12 @@ def test_balanced_dev_subset_scores_every_language():
     assert balanced_subset(utts, 100) == utts
 
 
-def test_ctc_compressed_training_runs_and_needs_a_ctc_head(assets, tmp_path):
+@pytest.mark.parametrize("readout", ["adaptor", "embeddings"])
+def test_ctc_compressed_training_runs_and_needs_a_ctc_head(assets, tmp_path, readout):
     from conditune.speech.modeling import SpeechLLM
 
     cfg = _config(assets, tmp_path / "cc", mode="none", max_steps=2, warmup_steps=0)
-    cfg["model"]["adaptor"]["ctc_compress"] = True
+    cfg["model"]["adaptor"].update(ctc_compress=True, ctc_readout=readout)
     with pytest.raises(ConditumeError, match="ctc_compress needs a trained CTC head"):
         train(cfg)
     cfg["train"].update(align_steps=2, ctc_weight=0.5)
@@ -439,5 +440,6 @@ def test_ctc_compressed_training_runs_and_needs_a_ctc_head(assets, tmp_path):
     assert result.step == 4 and all(math.isfinite(v) for v in result.losses.values())
     model = SpeechLLM.from_pretrained(result.final_dir)
     assert model.adaptor.ctc_vocabulary.numel() > 0  # the transcripts' tokens, saved with the adaptor
+    assert model.config.adaptor.ctc_readout == readout
     paths = [str(p) for p in assets["paths"][:2]]
     assert model.transcribe(paths, max_new_tokens=4) == SpeechLLM.from_pretrained(result.final_dir).transcribe(paths, max_new_tokens=4)
