@@ -327,6 +327,23 @@ def test_ctc_compression_keeps_token_positions_and_averages_runs(assets, tmp_pat
     assert loaded.adaptor.ctc_vocabulary.tolist() == [5, 7] and loaded.config.adaptor.ctc_compress
 
 
+def test_compressed_generation_is_capped_by_the_positions_read(assets):
+    cfg = model_config(assets["whisper"], assets["llm"], "none")
+    cfg["adaptor"]["ctc_compress"] = True
+    torch.manual_seed(0)
+    m = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg))
+    frames, lengths = m.encode_audio(_waves(assets["paths"][:3]))
+    _, positions = m.llm_audio(*m.adaptor(frames, lengths))
+    caps = m.transcript_token_cap(positions)
+    assert caps == [math.ceil(1.5 * int(n)) + 4 for n in positions]
+    rows = m.generate_ids_from_frames(frames, lengths, max_new_tokens=200)
+    # a random LLM never stops by itself: every row runs to its own cap, not to max_new_tokens
+    assert [len(r) for r in rows] == [min(c, 200) for c in caps]
+    assert max(len(r) for r in m.generate_ids_from_frames(frames, lengths, max_new_tokens=3)) <= 3
+    cfg["adaptor"]["ctc_compress"] = False
+    assert SpeechLLM.build(SpeechLLMConfig.from_dict(cfg)).transcript_token_cap(positions) is None
+
+
 def test_ctc_embedding_readout_mixes_token_embeddings_by_posterior(assets):
     cfg = model_config(assets["whisper"], assets["llm"], "none")
     cfg["adaptor"].update(ctc_compress=True, ctc_readout="embeddings")

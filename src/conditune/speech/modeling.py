@@ -19,6 +19,7 @@ by path, as Ultravox does.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -417,8 +418,17 @@ class SpeechLLM(nn.Module):
         return self.encoder.encode(waves)
 
     @torch.no_grad()
-    def generate_from_frames(self, frames: torch.Tensor, frame_lengths: torch.Tensor, *, num_beams: int = 1,
-                             max_new_tokens: int = 128) -> list[str]:
+    def transcript_token_cap(self, audio_lengths: torch.Tensor) -> list[int] | None:
+        """Most new tokens each utterance may generate: with ``ctc_compress`` the LLM reads about one position per
+        spoken token, so ``ceil(1.5 n) + 4`` tokens for ``n`` positions cut greedy repetition loops short without
+        touching a transcript of normal length. None (no cap beyond ``max_new_tokens``) without compression."""
+        if not self.config.adaptor.ctc_compress:
+            return None
+        return [math.ceil(1.5 * int(n)) + 4 for n in audio_lengths]
+
+    def generate_ids_from_frames(self, frames: torch.Tensor, frame_lengths: torch.Tensor, *, num_beams: int = 1,
+                                 max_new_tokens: int = 128) -> list[list[int]]:
+        """Generated token ids per utterance, cut at EOS (and at :meth:`transcript_token_cap`)."""
         from transformers import GenerationConfig
 
         was_training = self.training
@@ -426,6 +436,8 @@ class SpeechLLM(nn.Module):
         try:
             device = self.device
             audio, audio_lengths = self.llm_audio(*self.adaptor(frames.to(device), frame_lengths.to(device)))
+            caps = self.transcript_token_cap(audio_lengths) or [max_new_tokens] * len(audio_lengths)
+            caps = [min(c, max_new_tokens) for c in caps]
             emb_layer = self.core_llm.get_input_embeddings()
             dtype = emb_layer.weight.dtype
             bos = emb_layer(torch.tensor([self.bos_token_id], device=device))
@@ -437,18 +449,23 @@ class SpeechLLM(nn.Module):
                 embeds[b, total - n : total - 1] = audio[b, : n - 1].to(dtype)
                 embeds[b, total - 1] = bos[0]
                 mask[b, total - n :] = 1
-            gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+            gen_cfg = GenerationConfig(max_new_tokens=max(caps), num_beams=num_beams, do_sample=False,
                                        eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                                        bos_token_id=self.bos_token_id)
             out = self.core_llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen_cfg)
-            texts = []
-            for row in out.tolist():
+            rows = []
+            for row, cap in zip(out.tolist(), caps):
                 if self.eos_token_id in row:
                     row = row[: row.index(self.eos_token_id)]
-                texts.append(self.decode_tokens(row))
-            return texts
+                rows.append(row[:cap])
+            return rows
         finally:
             self.train(was_training)
+
+    def generate_from_frames(self, frames: torch.Tensor, frame_lengths: torch.Tensor, *, num_beams: int = 1,
+                             max_new_tokens: int = 128) -> list[str]:
+        rows = self.generate_ids_from_frames(frames, frame_lengths, num_beams=num_beams, max_new_tokens=max_new_tokens)
+        return [self.decode_tokens(row) for row in rows]
 
     def transcribe(self, inputs: Sequence, batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 128,
                    feature_cache=None) -> list[str]:
