@@ -38,11 +38,12 @@ SYNTH_S_PER_UTT = 0.03  # espeak-ng / flite, one job per core (measured 0.02 s o
 ENCODE_S_PER_UTT = 0.13  # CTranslate2 Whisper-base float32, ~4.4 s utterances (measured 0.11-0.13 s)
 STEP_S = 3.0  # one optimizer step at batch 4 (adaptor + 100 SmolLM2 tensors)
 STEP_S_SAFE = 3.5  # planning value for the step count (the schedule spans it; max_seconds caps the run)
-ALIGN_STEP_S = 0.4  # one CTC alignment step (adaptor only; measured 0.19 s at batch 4 on 2026-12-02)
+ALIGN_STEP_S = 0.3  # one CTC alignment step (adaptor only; measured 0.19 s at batch 4 on 2026-12-02)
 LLM_LOAD_S = 45.0  # de-quantising the SmolLM2 GGUF + its tokenizer
 GENERATE_S_PER_UTT = 1.0  # greedy transcription, batch 8, up to 48 new tokens
 HELDOUT_S_PER_TEXT = 0.3  # base + adapted forward pass per held-out sentence (batch 16)
 AGREE_S_PER_PROMPT = 5.0  # base + adapted greedy continuation (24 tokens)
+READOUT_NOTE = {"embeddings": ", the LLM reading one position per CTC-labelled token (the CTC posterior times its own token embeddings)"}
 DATA_SEED = 0  # the speech set does not depend on --seed, so every demo run shares it
 
 STAGES = ("models", "data", "scan", "train", "evaluate", "report")
@@ -63,7 +64,11 @@ class DemoOptions:
     batch: int = 4
     lr: float = 3e-4  # adaptor (its post-norm attention layers do not train at 1e-3: docs/speech.md)
     llm_lr: float = 1e-4
-    align_steps: int = 300  # CTC alignment of the adaptor to the LLM's token embeddings before the main steps
+    align_steps: int = 1500  # CTC alignment of the adaptor to the LLM's token embeddings before the main steps
+    # what the LLM reads: "embeddings" (CTC-compressed positions, each the CTC posterior times the LLM's token
+    # embeddings, with the CTC loss kept on at ctc_weight) or "adaptor" (every adaptor position, the paper's)
+    readout: str = "embeddings"
+    ctc_weight: float = 0.5
     vocab_size: int | None = 1000  # speak sentences of the N most frequent words only (None: any sentence)
     progress: bool = True
     speech_dir: Path | None = None  # None: $CONDITUNE_HOME/demo/speech
@@ -237,17 +242,20 @@ def train_config(options: DemoOptions, speech: dict[str, Path], names_file: Path
     from conditune.training.config import load_train_config
 
     eval_every = max(10, max_steps // 4)
+    compressed = options.readout == "embeddings"
     overrides = {
         "model": {
             "encoder": {"backend": "ct2", "path": "demo:whisper-base", "compute_type": "float32", "threads": max(1, os.cpu_count() or 1)},
             "llm": {"path": "demo:smollm2", "dtype": "float32"},
-            "adaptor": {"subsample": 4, "depth": 2, "heads": 9, "dropout": 0.1},
+            "adaptor": {"subsample": 4, "depth": 2, "heads": 9, "dropout": 0.1, "ctc_compress": compressed,
+                        "ctc_readout": options.readout},
             "trainable": {"mode": "names", "names_file": str(names_file)},
         },
         "data": {"train": str(speech["train"]), "dev": str(speech["dev"]), "max_batch": options.batch, "encode_batch": 16},
         "train": {
             "output_dir": str(train_dir), "overwrite": True, "seed": options.seed, "lr": options.lr,
-            "llm_lr": options.llm_lr, "align_steps": options.align_steps, "align_lr": options.lr, "weight_decay": 0.01, "warmup_steps": min(20, max(1, max_steps // 10)),
+            "llm_lr": options.llm_lr, "align_steps": options.align_steps, "align_lr": options.lr,
+            "ctc_weight": options.ctc_weight if compressed else 0.0, "weight_decay": 0.01, "warmup_steps": min(20, max(1, max_steps // 10)),
             "schedule": "cosine", "max_steps": max_steps, "max_seconds": max_seconds, "clip_norm": 1.0,
             "log_every": max(1, min(5, max_steps // 10)), "eval_every": eval_every, "eval_max_utterances": dev_utterances,
             "save_every": 0, "keep_last": 1, "max_new_tokens": 48, "eval_batch": 8, "tensorboard": False,
@@ -457,7 +465,8 @@ def write_report(path: Path, metrics: dict[str, Any], predictions: list[dict[str
         f"Speech LLM: frozen Whisper base (CTranslate2) → adaptor → SmolLM2-135M-Instruct, training the adaptor and "
         f"the {tr['tensors']} lowest-κ LLM tensors ({tr['parameters']:,} LLM parameters + "
         f"{metrics.get('trainable_adaptor_parameters', 0):,} adaptor parameters) for {metrics['steps']} steps"
-        f"{' after ' + str(metrics['align_steps']) + ' CTC alignment steps of the adaptor' if metrics.get('align_steps') else ''}; "
+        f"{' after ' + str(metrics['align_steps']) + ' CTC alignment steps of the adaptor' if metrics.get('align_steps') else ''}"
+        f"{READOUT_NOTE.get(metrics.get('readout'), '')}; "
         f"{metrics['seconds']:.0f} s in all (budget {metrics['budget_seconds']:.0f} s).", "",
         "## Results", "",
         "| metric | value |", "|---|---|",
@@ -590,6 +599,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
         "trainable": {"tensors": len(selection.chosen), "parameters": selection.selected_params},
         "steps": max(0, result.step - options.align_steps),  # main steps (Algorithm 1)
         "align_steps": min(result.step, options.align_steps),
+        "readout": options.readout,
         "seconds": 0.0,
         "forgetting_de": {k: fd[k] for k in keys} | {"tokens": fd["tokens"], "texts": fd["texts"]},
         "agreement": ({k: ev["agreement"][k] for k in ("agreement", "exact", "prompts")} if ev["agreement"] else None),

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import typer
 
+from conditune.demo import DemoOptions
+
+DEFAULTS = DemoOptions()  # one place for the defaults: the library's
+
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
@@ -21,19 +25,21 @@ def register(app: typer.Typer) -> None:
         heldout: int = typer.Option(100, "--heldout", hidden=True, help="Held-out sentences per language."),
         agreement_prompts: int = typer.Option(10, "--agreement-prompts", hidden=True),
         steps: int = typer.Option(None, "--steps", hidden=True, help="Fixed optimizer steps instead of the time budget."),
-        align_steps: int = typer.Option(300, "--align-steps", hidden=True, help="CTC alignment steps before the main ones."),
-        vocab_size: int = typer.Option(1000, "--vocab-size", hidden=True, help="Speak sentences of the N most frequent words (0: any)."),
+        align_steps: int = typer.Option(DEFAULTS.align_steps, "--align-steps", hidden=True, help="CTC alignment steps before the main ones."),
+        readout: str = typer.Option(DEFAULTS.readout, "--readout", hidden=True,
+                                    help="embeddings: CTC-compressed token-embedding readout; adaptor: the paper's (all positions)."),
+        vocab_size: int = typer.Option(DEFAULTS.vocab_size, "--vocab-size", hidden=True, help="Speak sentences of the N most frequent words (0: any)."),
         speech_dir: Path = typer.Option(None, "--speech-dir", hidden=True, help="Speech set folder (default $CONDITUNE_HOME/demo/speech)."),
     ) -> None:
         """Fetch the demo models, synthesise speech, select the lowest-kappa tensors, train, measure WER and forgetting."""
         import json
 
-        from conditune.demo import DemoOptions, run_demo
+        from conditune.demo import run_demo
 
         options = DemoOptions(output=output, minutes=minutes, seed=seed, count=count, train_per_language=train_utterances,
                               dev_per_language=dev_utterances, test_per_language=test_utterances, heldout=heldout,
                               agreement_prompts=agreement_prompts, max_steps=steps, progress=not quiet, speech_dir=speech_dir,
-                              align_steps=align_steps, vocab_size=vocab_size or None)
+                              align_steps=align_steps, readout=readout, vocab_size=vocab_size or None)
         result = run_demo(options)
         m = result.metrics
         typer.echo(json.dumps({"output": str(result.output), "wer": m["wer"], "forgetting": m["forgetting"],
