@@ -417,7 +417,6 @@ class SpeechLLM(nn.Module):
                 waves.append(np.asarray(x, dtype=np.float32))
         return self.encoder.encode(waves)
 
-    @torch.no_grad()
     def transcript_token_cap(self, audio_lengths: torch.Tensor) -> list[int] | None:
         """Most new tokens each utterance may generate: with ``ctc_compress`` the LLM reads about one position per
         spoken token, so ``ceil(1.5 n) + 4`` tokens for ``n`` positions cut greedy repetition loops short without
@@ -426,6 +425,7 @@ class SpeechLLM(nn.Module):
             return None
         return [math.ceil(1.5 * int(n)) + 4 for n in audio_lengths]
 
+    @torch.no_grad()
     def generate_ids_from_frames(self, frames: torch.Tensor, frame_lengths: torch.Tensor, *, num_beams: int = 1,
                                  max_new_tokens: int = 128) -> list[list[int]]:
         """Generated token ids per utterance, cut at EOS (and at :meth:`transcript_token_cap`)."""
