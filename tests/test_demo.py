@@ -185,3 +185,12 @@ def test_demo_bad_budget_is_one_line_error(tmp_path, capsys, minutes):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --minutes") and len(err.splitlines()) == 1
     assert not (tmp_path / "d" / "metrics.json").exists()
+
+
+def test_demo_bad_readout_is_one_line_error_before_any_work(tmp_path, capsys):
+    from conditune.cli import main
+
+    assert main(["demo", "--output", str(tmp_path / "d"), "--readout", "tokens", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --readout must be one of adaptor, embeddings") and len(err.splitlines()) == 1
+    assert not (tmp_path / "d").exists()

@@ -73,6 +73,12 @@ class DemoOptions:
     progress: bool = True
     speech_dir: Path | None = None  # None: $CONDITUNE_HOME/demo/speech
 
+    def __post_init__(self):  # fail before minutes of set-up, not after
+        from conditune.speech.config import CTC_READOUTS
+
+        if self.readout not in CTC_READOUTS:
+            raise ConditumeError(f"--readout must be one of {', '.join(CTC_READOUTS)}, not {self.readout!r}")
+
 
 @dataclass
 class Sizes:
