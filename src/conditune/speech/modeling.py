@@ -328,11 +328,7 @@ class SpeechLLM(nn.Module):
         with torch.no_grad():
             labels = logits.argmax(-1)
             token_margin = logits[..., :blank].max(-1).values - logits[..., blank]
-        if soft:
-            table, _ = self.ctc_token_table()
-            values = logits[..., :blank].softmax(-1).to(table.dtype) @ table
-        else:
-            values = audio
+        table = self.ctc_token_table()[0] if soft else None
         rows = []
         for b, n in enumerate(lengths.tolist()):
             keep = (labels[b, :n] != blank).nonzero().squeeze(1)
@@ -343,8 +339,10 @@ class SpeechLLM(nn.Module):
             new_run[1:] = (keep[1:] != keep[:-1] + 1) | (lab[1:] != lab[:-1])
             run = new_run.cumsum(0) - 1
             runs = int(run[-1]) + 1
-            summed = values.new_zeros(runs, values.shape[-1]).index_add(0, run, values[b, keep])
-            counts = torch.bincount(run, minlength=runs).to(values.dtype).unsqueeze(1)
+            # the mixture only where it is read (about a third of the positions)
+            kept = logits[b, keep, :blank].softmax(-1).to(table.dtype) @ table if soft else audio[b, keep]
+            summed = kept.new_zeros(runs, kept.shape[-1]).index_add(0, run, kept)
+            counts = torch.bincount(run, minlength=runs).to(kept.dtype).unsqueeze(1)
             rows.append(summed / counts)
         new_lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long, device=audio.device)
         return nn.utils.rnn.pad_sequence(rows, batch_first=True), new_lengths
