@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from conditune.demo import machine_description
+from conditune.errors import ConditumeError
 from conditune.evaluation.forgetting import DEFAULT_INSTRUCTIONS, greedy_agreement, load_llm_pair, read_texts, text_metrics
 from conditune.io import atomic_write_json
 from conditune.cli.transcribe import resolve_model_dir
@@ -33,13 +34,16 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=10, help="English instructions for greedy agreement")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
-    start = time.monotonic()
-    base, adapted, tokenizer = load_llm_pair(resolve_model_dir(args.run))
-    result: dict = {"run": str(args.run), "machine": machine_description(), "forgetting": {}}
-    for item in args.heldout:
+    heldout = {}
+    for item in args.heldout:  # checked before the minute of model loading
         lang, _, path = item.partition("=")
         if not path:
             raise SystemExit(f"forgetting_of_run: --heldout wants LANG=PATH, got {item!r}")
+        heldout[lang] = path
+    start = time.monotonic()
+    base, adapted, tokenizer = load_llm_pair(resolve_model_dir(args.run))
+    result: dict = {"run": str(args.run), "machine": machine_description(), "forgetting": {}}
+    for lang, path in heldout.items():
         m = text_metrics(base, adapted, tokenizer, read_texts(path, limit=args.limit), batch_size=16, max_tokens=128)
         result["forgetting"][lang] = m
         print(f"{lang}: perplexity {m['perplexity_base']:.2f} -> {m['perplexity_adapted']:.2f}, KL {m['kl_to_base']:.4f}")
@@ -53,4 +57,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConditumeError as exc:  # a missing run or text file: one line, not a traceback
+        sys.exit(f"forgetting_of_run: {exc}")
