@@ -41,8 +41,19 @@ from conditune.training.config import load_train_config
 from conditune.training.trainer import balanced_subset, make_cache, prepare_examples, read_manifests
 
 
-def probe(model: SpeechLLM, fresh_state: dict, cache, train_ex, dev_ex, *, lr: float, steps: int, batch: int,
-          eval_every: int, seed: int) -> dict:
+def probe(
+    model: SpeechLLM,
+    fresh_state: dict,
+    cache,
+    train_ex,
+    dev_ex,
+    *,
+    lr: float,
+    steps: int,
+    batch: int,
+    eval_every: int,
+    seed: int,
+) -> dict:
     model.set_ctc_vocabulary(None)  # the fresh state's (empty) vocabulary buffer, then this data set's
     model.adaptor.load_state_dict(fresh_state)
     torch.manual_seed(seed)
@@ -89,14 +100,22 @@ def probe(model: SpeechLLM, fresh_state: dict, cache, train_ex, dev_ex, *, lr: f
 def write_markdown(path: Path, output: dict) -> None:
     machine = output["machine"]
     described = ", ".join(f"{k} {v}" for k, v in machine.items()) if isinstance(machine, dict) else str(machine)
-    lines = [f"# Adaptor CTC alignment probes ({output['date']})", "", f"Machine: {described}. "
-             f"{output['steps']} adaptor-only CTC steps at batch {output['batch']}, seed {output['seed']}; dev WER of greedy "
-             "CTC decoding against the LLM's token embeddings.", "",
-             "| data | train utts | token types (heard once) | lr | dev WER by step | s |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Adaptor CTC alignment probes ({output['date']})",
+        "",
+        f"Machine: {described}. "
+        f"{output['steps']} adaptor-only CTC steps at batch {output['batch']}, seed {output['seed']}; dev WER of greedy "
+        "CTC decoding against the LLM's token embeddings.",
+        "",
+        "| data | train utts | token types (heard once) | lr | dev WER by step | s |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in output["settings"]:
         curve = ", ".join(f"{c['step']}: {c['dev_wer']:.0f} %" for c in s["curve"])
-        lines.append(f"| {s['data']} | {s['train_utterances']} | {s['token_types']} ({s['types_heard_once']}) | "
-                     f"{s['lr']:g} | {curve} | {s['seconds']:.0f} |")
+        lines.append(
+            f"| {s['data']} | {s['train_utterances']} | {s['token_types']} ({s['types_heard_once']}) | "
+            f"{s['lr']:g} | {curve} | {s['seconds']:.0f} |"
+        )
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -135,15 +154,41 @@ def main(argv=None) -> int:
         once = sum(1 for n in Counter(tokens).values() if n == 1)
         for lr in lrs:
             print(f"{folder} lr {lr:g}", flush=True)
-            result = probe(model, fresh_state, cache, train_ex, dev_ex, lr=lr, steps=args.steps, batch=args.batch,
-                           eval_every=args.eval_every, seed=args.seed)
-            settings.append({"data": str(folder), "train_utterances": len(train_ex), "dev_utterances": len(dev_ex),
-                             "train_tokens": len(tokens), "token_types": len(set(tokens)), "types_heard_once": once,
-                             "lr": lr, **result})
+            result = probe(
+                model,
+                fresh_state,
+                cache,
+                train_ex,
+                dev_ex,
+                lr=lr,
+                steps=args.steps,
+                batch=args.batch,
+                eval_every=args.eval_every,
+                seed=args.seed,
+            )
+            settings.append(
+                {
+                    "data": str(folder),
+                    "train_utterances": len(train_ex),
+                    "dev_utterances": len(dev_ex),
+                    "train_tokens": len(tokens),
+                    "token_types": len(set(tokens)),
+                    "types_heard_once": once,
+                    "lr": lr,
+                    **result,
+                }
+            )
 
-    output = {"benchmark": "adaptor_alignment", "date": time.strftime("%Y-%m-%d"), "machine": machine_description(),
-              "steps": args.steps, "batch": args.batch, "seed": args.seed, "adaptor": vars(config.model.adaptor),
-              "settings": settings}
+    output = {
+        "benchmark": "adaptor_alignment",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_description(),
+        "steps": args.steps,
+        "batch": args.batch,
+        "seed": args.seed,
+        "adaptor": vars(config.model.adaptor),
+        "settings": settings,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.output, output)
     write_markdown(args.output.with_suffix(".md"), output)

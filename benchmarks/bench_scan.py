@@ -96,7 +96,9 @@ def machine_info() -> dict:
         "ram_gib": round(psutil.virtual_memory().total / GiB, 1),
         "ram_available_gib": round(psutil.virtual_memory().available / GiB, 1),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ},
+        "thread_env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ
+        },
         "torch_threads": torch.get_num_threads(),
         "versions": _versions(),
         "blas": _blas_info(),
@@ -129,7 +131,8 @@ def _blas_info() -> dict:
         from threadpoolctl import threadpool_info
 
         blas["threadpools"] = [
-            {k: p.get(k) for k in ("user_api", "internal_api", "version", "num_threads", "architecture", "filepath")} for p in threadpool_info()
+            {k: p.get(k) for k in ("user_api", "internal_api", "version", "num_threads", "architecture", "filepath")}
+            for p in threadpool_info()
         ]
     except Exception as exc:  # noqa: BLE001
         blas["threadpools"] = f"threadpoolctl unavailable ({type(exc).__name__})"
@@ -146,7 +149,12 @@ def _blas_info() -> dict:
 
 def _git_commit() -> str | None:
     with contextlib.suppress(Exception):  # read-only
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     return None
 
 
@@ -163,7 +171,11 @@ def _np32(x) -> np.ndarray:
 
 
 def _t32(x) -> torch.Tensor:
-    return x.detach().to(torch.float32) if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, dtype=np.float32))
+    return (
+        x.detach().to(torch.float32)
+        if isinstance(x, torch.Tensor)
+        else torch.from_numpy(np.asarray(x, dtype=np.float32))
+    )
 
 
 def _from_sv(s) -> tuple[float, dict]:
@@ -181,7 +193,12 @@ def kappa_conditune(x):
     from conditune.scanning.spectrum import analyse_matrix
 
     spec = analyse_matrix(x, full_spectrum=False, device="cpu")
-    return spec.kappa, {"sigma_max": spec.sigma_max, "sigma_min": spec.sigma_min, "method": spec.method, "kappa_rel_err_bound": spec.kappa_rel_err}
+    return spec.kappa, {
+        "sigma_max": spec.sigma_max,
+        "sigma_min": spec.sigma_min,
+        "method": spec.method,
+        "kappa_rel_err_bound": spec.kappa_rel_err,
+    }
 
 
 def kappa_scipy32(x):
@@ -261,8 +278,14 @@ def run_peft(model: nn.Module, names: list[str] | None = None) -> dict:
     for i, name in enumerate(analysed):
         per[name] = {"kappa": float(kappas[name]), "seconds": calls[i][1] if len(calls) == len(analysed) else None}
     skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in kappas]
-    return {"available": True, "total_seconds": total, "per_matrix": per, "skipped": skipped, "n_targets": len(targets),
-            "max_dim_size_to_analyze": selector.max_dim_size_to_analyze}
+    return {
+        "available": True,
+        "total_seconds": total,
+        "per_matrix": per,
+        "skipped": skipped,
+        "n_targets": len(targets),
+        "max_dim_size_to_analyze": selector.max_dim_size_to_analyze,
+    }
 
 
 def run_weightwatcher(model: nn.Module) -> dict:
@@ -289,10 +312,20 @@ def run_weightwatcher(model: nn.Module) -> dict:
     for i, row in enumerate(rows):
         name = str(row.get("longname") or row.get("name"))
         smax, smin = float(row["sv_max"]), float(row["sv_min"])
-        per[name] = {"kappa": smax / smin if smin > 0 else math.inf, "sigma_max": smax, "sigma_min": smin,
-                     "seconds": calls[i][1] if len(calls) == len(rows) else None, "alpha": _finite(row.get("alpha"))}
-    return {"available": True, "version": getattr(ww, "__version__", "?"), "total_seconds": total, "per_matrix": per,
-            "svd": "float64 scipy.linalg.svd (weightwatcher's CPU path), plus power-law fits"}
+        per[name] = {
+            "kappa": smax / smin if smin > 0 else math.inf,
+            "sigma_max": smax,
+            "sigma_min": smin,
+            "seconds": calls[i][1] if len(calls) == len(rows) else None,
+            "alpha": _finite(row.get("alpha")),
+        }
+    return {
+        "available": True,
+        "version": getattr(ww, "__version__", "?"),
+        "total_seconds": total,
+        "per_matrix": per,
+        "svd": "float64 scipy.linalg.svd (weightwatcher's CPU path), plus power-law fits",
+    }
 
 
 def _finite(v):
@@ -329,8 +362,12 @@ def compare(results: dict, ref: dict, names: list[str]) -> dict:
         r["rel_err"] = e
         errs.append(e)
         secs += r["seconds"] or 0.0
-    return {"n": len(errs), "seconds": secs, "max_rel_err": max(errs) if errs else None,
-            "median_rel_err": float(np.median(errs)) if errs else None}
+    return {
+        "n": len(errs),
+        "seconds": secs,
+        "max_rel_err": max(errs) if errs else None,
+        "median_rel_err": float(np.median(errs)) if errs else None,
+    }
 
 
 # ==============================================================================================
@@ -404,7 +441,9 @@ def load_or_make_block(seed: int, factor: int) -> tuple[dict, dict, float]:
     CACHE.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=CACHE, suffix=".tmp")
     os.close(fd)
-    save_file(mats, tmp, metadata={"seed": str(seed), "shape_divisor": str(factor), "nominal_kappa": json.dumps(nominal)})
+    save_file(
+        mats, tmp, metadata={"seed": str(seed), "shape_divisor": str(factor), "nominal_kappa": json.dumps(nominal)}
+    )
     os.replace(tmp, path)
     return mats, nominal, perf_counter() - start
 
@@ -432,10 +471,17 @@ def part_block(args) -> dict:
     peft = run_peft(linear_module({n: mats[n] for n in slow_names}))
     tools["peft"] = {"label": "PEFT KappaTuneSelector.get_best_targets (torch.linalg.svdvals float32)", **peft}
     if args.no_weightwatcher:
-        tools["weightwatcher"] = {"label": "WeightWatcher analyze()", "available": False, "error": "skipped (--no-weightwatcher)"}
+        tools["weightwatcher"] = {
+            "label": "WeightWatcher analyze()",
+            "available": False,
+            "error": "skipped (--no-weightwatcher)",
+        }
     else:
         log.info("block: WeightWatcher analyze() on %d layers", len(slow_names))
-        tools["weightwatcher"] = {"label": "WeightWatcher analyze() (float64 SVD + power-law fits)", **run_weightwatcher(linear_module({n: mats[n] for n in slow_names}))}
+        tools["weightwatcher"] = {
+            "label": "WeightWatcher analyze() (float64 SVD + power-law fits)",
+            **run_weightwatcher(linear_module({n: mats[n] for n in slow_names})),
+        }
 
     for key, tool in tools.items():
         if "per_matrix" not in tool:
@@ -463,8 +509,13 @@ def part_block(args) -> dict:
 # part 2: the real SmolLM2-135M
 
 GGUF_TO_HF = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
@@ -501,9 +552,14 @@ def load_smollm2(quick: bool) -> tuple[Path, dict, dict]:
 def part_smollm2(args) -> dict:
     path, mats, info = load_smollm2(args.quick)
     names = list(mats)
-    section: dict = {"description": "SmolLM2-135M-Instruct GGUF Q4_1, dequantised to float32", "model": str(path), "n_matrices": len(names),
-                     "subset": "blocks 0-3 + token_embd (quick)" if args.quick else "all 2-D tensors", **info,
-                     "load_avg_before": [round(x, 2) for x in os.getloadavg()]}
+    section: dict = {
+        "description": "SmolLM2-135M-Instruct GGUF Q4_1, dequantised to float32",
+        "model": str(path),
+        "n_matrices": len(names),
+        "subset": "blocks 0-3 + token_embd (quick)" if args.quick else "all 2-D tensors",
+        **info,
+        "load_avg_before": [round(x, 2) for x in os.getloadavg()],
+    }
     warm_up()
     tools: dict = {}
     for key, (label, fn) in PER_MATRIX_TOOLS.items():
@@ -524,14 +580,20 @@ def part_smollm2(args) -> dict:
         load_seconds = perf_counter() - start
         if args.quick:  # the same subset as the other tools, sharing the loaded parameters
             modules = dict(model.named_modules())
-            model = linear_module({hf_name(n): modules[hf_name(n)].weight.detach() for n in names if hf_name(n) in modules})
+            model = linear_module(
+                {hf_name(n): modules[hf_name(n)].weight.detach() for n in names if hf_name(n) in modules}
+            )
         log.info("smollm2: PEFT KappaTuneSelector")
         peft = run_peft(model)
         back = {hf_name(n): n for n in names}
         if "per_matrix" in peft:
             peft["per_matrix"] = {back[k]: v for k, v in peft["per_matrix"].items() if k in back}
             peft["skipped"] = [back.get(k, k) for k in peft["skipped"]]
-        tools["peft"] = {"label": "PEFT KappaTuneSelector.get_best_targets on the transformers model", "model_load_seconds": load_seconds, **peft}
+        tools["peft"] = {
+            "label": "PEFT KappaTuneSelector.get_best_targets on the transformers model",
+            "model_load_seconds": load_seconds,
+            **peft,
+        }
         del model
     except Exception as exc:  # noqa: BLE001
         tools["peft"] = {"label": "PEFT KappaTuneSelector", "available": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -547,7 +609,9 @@ def part_smollm2(args) -> dict:
         if key != "conditune":
             c_secs = sum(conditune[n]["seconds"] for n in subset)
             tool["speedup_of_conditune"] = tool.get("total_seconds", tool["summary"]["seconds"]) / c_secs
-    section["conditune_bound_holds"] = all(conditune[n]["rel_err"] <= max(conditune[n]["kappa_rel_err_bound"], 1e-15) for n in names)
+    section["conditune_bound_holds"] = all(
+        conditune[n]["rel_err"] <= max(conditune[n]["kappa_rel_err_bound"], 1e-15) for n in names
+    )
     section["conditune_methods"] = _count(v["method"] for v in conditune.values())
     section["kappa_ref_range"] = [min(r["kappa"] for r in ref.values()), max(r["kappa"] for r in ref.values())]
     section["tools"] = tools
@@ -562,8 +626,13 @@ def ranking_agreement(per: dict, ref: dict, subset: list[str], k: int = 100) -> 
     by_tool = sorted(subset, key=lambda n: per[n]["kappa"])
     by_ref = sorted(subset, key=lambda n: ref[n]["kappa"])
     ref_rank = {n: i for i, n in enumerate(by_ref)}
-    return {"k": k, "n": len(subset), "overlap": len(set(by_tool[:k]) & set(by_ref[:k])),
-            "identical_order": by_tool == by_ref, "max_rank_shift": max(abs(i - ref_rank[n]) for i, n in enumerate(by_tool))}
+    return {
+        "k": k,
+        "n": len(subset),
+        "overlap": len(set(by_tool[:k]) & set(by_ref[:k])),
+        "identical_order": by_tool == by_ref,
+        "max_rank_shift": max(abs(i - ref_rank[n]) for i, n in enumerate(by_tool)),
+    }
 
 
 def _sum_by(pairs) -> dict:
@@ -660,11 +729,19 @@ def drop_page_cache(path: Path) -> None:
 
 
 def make_checkpoint(cfg: dict, seed: int, shard_bytes: int) -> tuple[Path, dict]:
-    folder = CACHE / f"llama3-8b-shape_L{cfg['layers']}_h{cfg['hidden']}_i{cfg['intermediate']}_v{cfg['vocab']}_seed{seed}"
+    folder = (
+        CACHE / f"llama3-8b-shape_L{cfg['layers']}_h{cfg['hidden']}_i{cfg['intermediate']}_v{cfg['vocab']}_seed{seed}"
+    )
     specs = checkpoint_tensors(cfg)
     total = sum(math.prod(s) * 2 for _, s in specs)
-    info = {"folder": str(folder), "n_tensors": len(specs), "n_matrices": sum(len(s) == 2 for _, s in specs),
-            "total_bytes": total, "total_gib": round(total / GiB, 2), "params": total // 2}
+    info = {
+        "folder": str(folder),
+        "n_tensors": len(specs),
+        "n_matrices": sum(len(s) == 2 for _, s in specs),
+        "total_bytes": total,
+        "total_gib": round(total / GiB, 2),
+        "params": total // 2,
+    }
     if (folder / ".complete").is_file():
         log.info("checkpoint: reusing %s (%.1f GiB)", folder, total / GiB)
         info["generation_seconds"] = 0.0
@@ -674,7 +751,9 @@ def make_checkpoint(cfg: dict, seed: int, shard_bytes: int) -> tuple[Path, dict]
     free = shutil.disk_usage(CACHE).free
     info["disk_free_gib_before"] = round(free / GiB, 1)
     if free < total + 2 * GiB:
-        raise RuntimeError(f"not enough disk for the checkpoint: {total / GiB:.1f} GiB needed (+2 GiB margin), {free / GiB:.1f} GiB free in {CACHE}")
+        raise RuntimeError(
+            f"not enough disk for the checkpoint: {total / GiB:.1f} GiB needed (+2 GiB margin), {free / GiB:.1f} GiB free in {CACHE}"
+        )
     shards, current, size = [], [], 0
     for name, shape in specs:
         nbytes = math.prod(shape) * 2
@@ -694,11 +773,26 @@ def make_checkpoint(cfg: dict, seed: int, shard_bytes: int) -> tuple[Path, dict]
         write_safetensors_streaming(folder / fname, shard, seed)
         weight_map.update({name: fname for name, _ in shard})
         log.info("  wrote %s (%d tensors, %.1fs so far)", fname, len(shard), perf_counter() - start)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg["hidden"], "intermediate_size": cfg["intermediate"],
-        "num_hidden_layers": cfg["layers"], "num_attention_heads": cfg["hidden"] // 128, "num_key_value_heads": cfg["kv"] // 128 or 1,
-        "vocab_size": cfg["vocab"], "torch_dtype": "bfloat16", "tie_word_embeddings": False}, indent=2))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": cfg["hidden"],
+                "intermediate_size": cfg["intermediate"],
+                "num_hidden_layers": cfg["layers"],
+                "num_attention_heads": cfg["hidden"] // 128,
+                "num_key_value_heads": cfg["kv"] // 128 or 1,
+                "vocab_size": cfg["vocab"],
+                "torch_dtype": "bfloat16",
+                "tie_word_embeddings": False,
+            },
+            indent=2,
+        )
+    )
     (folder / ".complete").write_text("ok\n")
     info["generation_seconds"] = perf_counter() - start
     info["cached"] = False
@@ -713,7 +807,12 @@ def conditune_command() -> list[str]:
 
 def cli_has_scan() -> bool:
     with contextlib.suppress(Exception):
-        return subprocess.run(conditune_command() + ["scan", "--help"], capture_output=True, timeout=120, cwd=ROOT).returncode == 0
+        return (
+            subprocess.run(
+                conditune_command() + ["scan", "--help"], capture_output=True, timeout=120, cwd=ROOT
+            ).returncode
+            == 0
+        )
     return False
 
 
@@ -751,8 +850,16 @@ def measure_subprocess(cmd: list[str], log_path: Path, timeout: float, poll: flo
                 break
             time.sleep(poll)
         wall = perf_counter() - start
-    result = {"command": cmd, "returncode": proc.returncode, "timed_out": timed_out, "wall_seconds": wall,
-              "peak_rss_bytes_psutil": peak_rss, "peak_anon_rss_bytes_psutil": peak_anon, "rss_samples": samples, "log": str(log_path)}
+    result = {
+        "command": cmd,
+        "returncode": proc.returncode,
+        "timed_out": timed_out,
+        "wall_seconds": wall,
+        "peak_rss_bytes_psutil": peak_rss,
+        "peak_anon_rss_bytes_psutil": peak_anon,
+        "rss_samples": samples,
+        "log": str(log_path),
+    }
     if time_v and time_file.is_file():
         tv = parse_time_v(time_file.read_text())
         result["time_v"] = tv
@@ -765,9 +872,14 @@ def measure_subprocess(cmd: list[str], log_path: Path, timeout: float, poll: flo
 
 
 def parse_time_v(text: str) -> dict:
-    keys = {"Maximum resident set size (kbytes)": "max_rss_kbytes", "User time (seconds)": "user_seconds",
-            "System time (seconds)": "system_seconds", "Percent of CPU this job got": "cpu_percent",
-            "Major (requiring I/O) page faults": "major_page_faults", "File system inputs": "fs_inputs_512b"}
+    keys = {
+        "Maximum resident set size (kbytes)": "max_rss_kbytes",
+        "User time (seconds)": "user_seconds",
+        "System time (seconds)": "system_seconds",
+        "Percent of CPU this job got": "cpu_percent",
+        "Major (requiring I/O) page faults": "major_page_faults",
+        "File system inputs": "fs_inputs_512b",
+    }
     out = {}
     for line in text.splitlines():
         key, _, value = line.strip().rpartition(": ")
@@ -792,16 +904,24 @@ def verify_against_reference(folder: Path, records: list, names: list[str]) -> d
         with safe_open(folder / index[name], framework="pt") as f:
             w = f.get_tensor(name)
         kappa_ref, _ = kappa_reference(w)
-        out[name] = {"kappa_scan": rec.kappa, "kappa_ref": kappa_ref, "rel_err": abs(rec.kappa - kappa_ref) / kappa_ref,
-                     "bound": rec.kappa_rel_err, "method": rec.method}
+        out[name] = {
+            "kappa_scan": rec.kappa,
+            "kappa_ref": kappa_ref,
+            "rel_err": abs(rec.kappa - kappa_ref) / kappa_ref,
+            "bound": rec.kappa_rel_err,
+            "method": rec.method,
+        }
         log.info("  verify %-40s scan %.6g ref %.6g rel err %.2e", name, rec.kappa, kappa_ref, out[name]["rel_err"])
     return out
 
 
 def part_checkpoint(args) -> dict:
     cfg = checkpoint_config(args)
-    section: dict = {"description": "Generated Llama-3-8B-shaped bf16 checkpoint (N(0, 0.02^2) weights), scanned by the CLI", "config": cfg,
-                     "target_configuration": (not args.quick and cfg == LLAMA3_8B)}
+    section: dict = {
+        "description": "Generated Llama-3-8B-shaped bf16 checkpoint (N(0, 0.02^2) weights), scanned by the CLI",
+        "config": cfg,
+        "target_configuration": (not args.quick and cfg == LLAMA3_8B),
+    }
     shard_bytes = 16 * 10**6 if args.quick else 5 * 10**9 // args.shrink**2
     folder, info = make_checkpoint(cfg, args.seed, shard_bytes)
     section["checkpoint"] = info
@@ -827,28 +947,44 @@ def _scan_checkpoint(args, cfg: dict, folder: Path, section: dict) -> dict:
     scan_out = out_dir / f"scan_checkpoint{args.tag}.json"
     cmd = conditune_command() + ["scan", str(folder), "--output", str(scan_out), "--no-cache"]
     if not cli_has_scan():  # the CLI command is not there yet: the same work through the library
-        section["cli_fallback"] = "`conditune scan` missing: ran scan_source(..., cache=False) + write_records in a subprocess"
-        code = ("import sys; from conditune.scanning import scan_source, write_records; "
-                "records, meta = scan_source(sys.argv[1], cache=False, progress=False); write_records(records, sys.argv[2], meta)")
+        section["cli_fallback"] = (
+            "`conditune scan` missing: ran scan_source(..., cache=False) + write_records in a subprocess"
+        )
+        code = (
+            "import sys; from conditune.scanning import scan_source, write_records; "
+            "records, meta = scan_source(sys.argv[1], cache=False, progress=False); write_records(records, sys.argv[2], meta)"
+        )
         cmd = [sys.executable, "-c", code, str(folder), str(scan_out)]
     log.info("checkpoint: %s", " ".join(cmd))
     section["load_avg_before"] = [round(x, 2) for x in os.getloadavg()]
     run = measure_subprocess(cmd, out_dir / f"scan_checkpoint{args.tag}.log", timeout=args.scan_timeout)
     section["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     section["scan"] = run
-    log.info("checkpoint: rc %s, %.1fs, peak RSS %.2f GiB", run["returncode"], run["wall_seconds"], run["peak_rss_bytes"] / GiB)
+    log.info(
+        "checkpoint: rc %s, %.1fs, peak RSS %.2f GiB",
+        run["returncode"],
+        run["wall_seconds"],
+        run["peak_rss_bytes"] / GiB,
+    )
     if run["returncode"] == 0 and scan_out.is_file():
         from conditune.scanning.records import read_records
 
         records, meta = read_records(scan_out)
         ok = [r for r in records if r.kappa is not None]
         section["records"] = {
-            "file": str(scan_out), "n": len(records), "status": _count(r.status for r in records), "methods": _count(r.method for r in records),
+            "file": str(scan_out),
+            "n": len(records),
+            "status": _count(r.status for r in records),
+            "methods": _count(r.method for r in records),
             "kappa_range": [min(r.kappa for r in ok), max(r.kappa for r in ok)] if ok else None,
             "max_kappa_rel_err_bound": max((r.kappa_rel_err for r in ok if r.kappa_rel_err is not None), default=None),
             "sum_record_seconds": sum(r.seconds or 0.0 for r in records),
-            "seconds_by_kind": {k: round(v, 2) for k, v in _sum_by((r.kind, r.seconds or 0.0) for r in records).items()},
-            "slowest": [(r.name, r.method, round(r.seconds, 2)) for r in sorted(ok, key=lambda r: -(r.seconds or 0.0))[:5]],
+            "seconds_by_kind": {
+                k: round(v, 2) for k, v in _sum_by((r.kind, r.seconds or 0.0) for r in records).items()
+            },
+            "slowest": [
+                (r.name, r.method, round(r.seconds, 2)) for r in sorted(ok, key=lambda r: -(r.seconds or 0.0))[:5]
+            ],
         }
         verify = [n for n, s in checkpoint_tensors(cfg) if len(s) == 2]
         if not args.quick:  # float64 SVDs of 4096-wide matrices take a while: layer 0 attention only
@@ -872,11 +1008,19 @@ def evaluate_targets(results: dict) -> list[dict]:
     if block:
         tools = block["tools"]
         sp = tools.get("scipy_f32", {}).get("speedup_of_conditune")
-        add(f"block: conditune >= {TARGET_SPEEDUP_SCIPY:g}x faster than SciPy float32 svdvals", _fmt_x(sp), sp is not None and sp >= TARGET_SPEEDUP_SCIPY)
+        add(
+            f"block: conditune >= {TARGET_SPEEDUP_SCIPY:g}x faster than SciPy float32 svdvals",
+            _fmt_x(sp),
+            sp is not None and sp >= TARGET_SPEEDUP_SCIPY,
+        )
         pp = tools.get("peft", {}).get("speedup_of_conditune")
         subset = block.get("slow_tools_subset")
-        add(f"block: conditune >= {TARGET_SPEEDUP_PEFT:g}x faster than PEFT KappaTuneSelector", _fmt_x(pp), pp is not None and pp >= TARGET_SPEEDUP_PEFT,
-            "" if subset == "all" else f"on the subset {subset}")
+        add(
+            f"block: conditune >= {TARGET_SPEEDUP_PEFT:g}x faster than PEFT KappaTuneSelector",
+            _fmt_x(pp),
+            pp is not None and pp >= TARGET_SPEEDUP_PEFT,
+            "" if subset == "all" else f"on the subset {subset}",
+        )
         err = tools["conditune"]["summary"]["max_rel_err"]
         add(f"block: conditune kappa rel. error <= {TARGET_KAPPA_ERR:g}", f"{err:.2e}", err <= TARGET_KAPPA_ERR)
     sm = results.get("smollm2")
@@ -886,11 +1030,22 @@ def evaluate_targets(results: dict) -> list[dict]:
     ck = results.get("checkpoint")
     if ck and "scan" in ck:
         run = ck["scan"]
-        note = "" if ck.get("target_configuration") else "not the target configuration (quick / --layers): indicative only"
+        note = (
+            "" if ck.get("target_configuration") else "not the target configuration (quick / --layers): indicative only"
+        )
         ok_run = run["returncode"] == 0 and not run["timed_out"]
-        add(f"checkpoint: 8B-shaped scan < {TARGET_SCAN_SECONDS // 60} min", f"{run['wall_seconds']:.1f} s" + ("" if ok_run else f" (rc {run['returncode']})"),
-            ok_run and run["wall_seconds"] < TARGET_SCAN_SECONDS, note)
-        add(f"checkpoint: peak RSS < {TARGET_SCAN_RSS / GiB:g} GiB", f"{run['peak_rss_bytes'] / GiB:.2f} GiB", ok_run and run["peak_rss_bytes"] < TARGET_SCAN_RSS, note)
+        add(
+            f"checkpoint: 8B-shaped scan < {TARGET_SCAN_SECONDS // 60} min",
+            f"{run['wall_seconds']:.1f} s" + ("" if ok_run else f" (rc {run['returncode']})"),
+            ok_run and run["wall_seconds"] < TARGET_SCAN_SECONDS,
+            note,
+        )
+        add(
+            f"checkpoint: peak RSS < {TARGET_SCAN_RSS / GiB:g} GiB",
+            f"{run['peak_rss_bytes'] / GiB:.2f} GiB",
+            ok_run and run["peak_rss_bytes"] < TARGET_SCAN_RSS,
+            note,
+        )
     elif ck and "error" in ck:
         add("checkpoint: 8B-shaped scan", ck["error"], False)
     return targets
@@ -916,19 +1071,27 @@ def render_markdown(results: dict) -> str:
     title = " (QUICK: smoke test only)" if results["quick"] else ""
     if results.get("shrink", 1) != 1:
         title += f" (block and checkpoint shapes / {results['shrink']})"
-    lines = [f"# conditune scan benchmark{title}", "",
-             f"Generated by `benchmarks/bench_scan.py` on {m['date_utc']} ({' '.join(results['argv']) or 'no arguments'}).", "",
-             "## Machine", "",
-             f"- CPU: {m['cpu_model']}, {m['logical_cores']} logical / {m['physical_cores']} physical cores (affinity {m['affinity_cores']}), "
-             f"RAM {m['ram_gib']} GiB; load average at start {m['load_avg_at_start']}",
-             f"- threads: torch {m['torch_threads']}, env {m['thread_env'] or 'unset'}",
-             f"- numpy {v['numpy']} ({m['blas'].get('numpy_blas', '?')}), scipy {v['scipy']}, torch {v['torch']} (BLAS {m['blas'].get('torch_blas_info', '?')}), "
-             f"peft {v['peft']}, transformers {v['transformers']}, weightwatcher {v['weightwatcher']}, conditune {v['conditune']}",
-             f"- git commit {m.get('git_commit')}", ""]
+    lines = [
+        f"# conditune scan benchmark{title}",
+        "",
+        f"Generated by `benchmarks/bench_scan.py` on {m['date_utc']} ({' '.join(results['argv']) or 'no arguments'}).",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu_model']}, {m['logical_cores']} logical / {m['physical_cores']} physical cores (affinity {m['affinity_cores']}), "
+        f"RAM {m['ram_gib']} GiB; load average at start {m['load_avg_at_start']}",
+        f"- threads: torch {m['torch_threads']}, env {m['thread_env'] or 'unset'}",
+        f"- numpy {v['numpy']} ({m['blas'].get('numpy_blas', '?')}), scipy {v['scipy']}, torch {v['torch']} (BLAS {m['blas'].get('torch_blas_info', '?')}), "
+        f"peft {v['peft']}, transformers {v['transformers']}, weightwatcher {v['weightwatcher']}, conditune {v['conditune']}",
+        f"- git commit {m.get('git_commit')}",
+        "",
+    ]
     targets = results.get("targets", [])
     if targets:
         lines += ["## Targets", "", "| target | measured | result | note |", "|---|---|---|---|"]
-        lines += [f"| {t['target']} | {t['value']} | **{'PASS' if t['pass'] else 'FAIL'}** | {t['note']} |" for t in targets]
+        lines += [
+            f"| {t['target']} | {t['value']} | **{'PASS' if t['pass'] else 'FAIL'}** | {t['note']} |" for t in targets
+        ]
         lines.append("")
     if "block" in results:
         lines += _md_block(results["block"])
@@ -940,11 +1103,16 @@ def render_markdown(results: dict) -> str:
 
 
 def _md_tool_summary(tools: dict, extra_cols=()) -> list[str]:
-    head = "| tool | matrices | time (s) | conditune faster by | max rel. κ error | median rel. κ error |" + "".join(f" {c} |" for c, _ in extra_cols)
+    head = "| tool | matrices | time (s) | conditune faster by | max rel. κ error | median rel. κ error |" + "".join(
+        f" {c} |" for c, _ in extra_cols
+    )
     lines = [head, "|" + "---|" * (6 + len(extra_cols))]
     for key, t in tools.items():
         if "summary" not in t:
-            lines.append(f"| {t.get('label', key)} | — | — | — | {t.get('error', 'unavailable')} | — |" + " — |" * len(extra_cols))
+            lines.append(
+                f"| {t.get('label', key)} | — | — | — | {t.get('error', 'unavailable')} | — |"
+                + " — |" * len(extra_cols)
+            )
             continue
         s = t["summary"]
         secs = t.get("total_seconds", s["seconds"])
@@ -953,34 +1121,62 @@ def _md_tool_summary(tools: dict, extra_cols=()) -> list[str]:
             err_max = err_med = "reference"
         else:
             err_max, err_med = _e(s["max_rel_err"]), _e(s["median_rel_err"])
-        lines.append(f"| {t['label']} | {s['n']} | {_s(secs)} | {speed} | {err_max} | {err_med} |" + "".join(f" {fn(t)} |" for _, fn in extra_cols))
+        lines.append(
+            f"| {t['label']} | {s['n']} | {_s(secs)} | {speed} | {err_max} | {err_med} |"
+            + "".join(f" {fn(t)} |" for _, fn in extra_cols)
+        )
     return lines
 
 
 def _md_block(b: dict) -> list[str]:
     tools = b["tools"]
-    keys = [k for k in ("float64_svd", "conditune", "scipy_f32", "torch_f32", "peft", "weightwatcher") if "per_matrix" in tools.get(k, {})]
-    lines = ["## 1. One Llama-3-8B-shaped block (bf16, prescribed spectra)", "",
-             f"{b['description']}. W = U diag(s) Vᵀ (U, V from QR of float64 Gaussians), s = outliers + Marchenko–Pastur-like "
-             "bulk stretched to a power law + geometric lower tail, entries RMS 0.02, rounded to bf16. Reference: "
-             "`numpy.linalg.svd(W.double(), compute_uv=False)` of the same bf16 values. Every tool starts from the bf16 tensor "
-             "(its conversion is timed); PEFT and WeightWatcher run on an nn.Module holding the matrices as float32 nn.Linear layers.",
-             f"Generation {_s(b['generation_seconds'])} s (0 = cached). Load average before/after: {b['load_avg_before']} / {b['load_avg_after']}.", "",
-             *_md_tool_summary(tools), "",
-             "Per matrix: seconds and relative κ error vs the float64 reference.", "",
-             "| matrix | shape | nominal κ | reference κ | conditune method | " + " | ".join(f"{k} s" for k in keys) + " | " + " | ".join(f"{k} err" for k in keys if k != "float64_svd") + " |",
-             "|" + "---|" * (5 + 2 * len(keys) - 1)]
+    keys = [
+        k
+        for k in ("float64_svd", "conditune", "scipy_f32", "torch_f32", "peft", "weightwatcher")
+        if "per_matrix" in tools.get(k, {})
+    ]
+    lines = [
+        "## 1. One Llama-3-8B-shaped block (bf16, prescribed spectra)",
+        "",
+        f"{b['description']}. W = U diag(s) Vᵀ (U, V from QR of float64 Gaussians), s = outliers + Marchenko–Pastur-like "
+        "bulk stretched to a power law + geometric lower tail, entries RMS 0.02, rounded to bf16. Reference: "
+        "`numpy.linalg.svd(W.double(), compute_uv=False)` of the same bf16 values. Every tool starts from the bf16 tensor "
+        "(its conversion is timed); PEFT and WeightWatcher run on an nn.Module holding the matrices as float32 nn.Linear layers.",
+        f"Generation {_s(b['generation_seconds'])} s (0 = cached). Load average before/after: {b['load_avg_before']} / {b['load_avg_after']}.",
+        "",
+        *_md_tool_summary(tools),
+        "",
+        "Per matrix: seconds and relative κ error vs the float64 reference.",
+        "",
+        "| matrix | shape | nominal κ | reference κ | conditune method | "
+        + " | ".join(f"{k} s" for k in keys)
+        + " | "
+        + " | ".join(f"{k} err" for k in keys if k != "float64_svd")
+        + " |",
+        "|" + "---|" * (5 + 2 * len(keys) - 1),
+    ]
     for name, mat in b["matrices"].items():
         c = tools["conditune"]["per_matrix"][name]
-        row = [name, "×".join(map(str, mat["shape"])), f"{mat['nominal_kappa']:.3g}", f"{mat['kappa_ref']:.6g}", c["method"]]
+        row = [
+            name,
+            "×".join(map(str, mat["shape"])),
+            f"{mat['nominal_kappa']:.3g}",
+            f"{mat['kappa_ref']:.6g}",
+            c["method"],
+        ]
         row += [_s(tools[k]["per_matrix"].get(name, {}).get("seconds")) for k in keys]
         row += [_e(tools[k]["per_matrix"].get(name, {}).get("rel_err")) for k in keys if k != "float64_svd"]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"conditune's own per-matrix error bound holds on every matrix: {b['conditune_bound_holds']}.",
-              "PEFT computes κ = S[0] / (S[-1] + 1e-8) from float32 `torch.linalg.svdvals`; its per-matrix seconds are the svdvals calls, "
-              "its total is the whole `get_best_targets()`. WeightWatcher's total includes its power-law fits; per-matrix seconds are its SVD calls."]
+    lines += [
+        "",
+        f"conditune's own per-matrix error bound holds on every matrix: {b['conditune_bound_holds']}.",
+        "PEFT computes κ = S[0] / (S[-1] + 1e-8) from float32 `torch.linalg.svdvals`; its per-matrix seconds are the svdvals calls, "
+        "its total is the whole `get_best_targets()`. WeightWatcher's total includes its power-law fits; per-matrix seconds are its SVD calls.",
+    ]
     if b.get("slow_tools_subset") != "all":
-        lines.append(f"PEFT and WeightWatcher ran on the subset {b['slow_tools_subset']}; their speed ratios compare against conditune on that subset.")
+        lines.append(
+            f"PEFT and WeightWatcher ran on the subset {b['slow_tools_subset']}; their speed ratios compare against conditune on that subset."
+        )
     for k in ("peft", "weightwatcher"):
         if tools.get(k, {}).get("error"):
             lines.append(f"{k}: {tools[k]['error']}")
@@ -989,19 +1185,35 @@ def _md_block(b: dict) -> list[str]:
 
 def _md_smollm2(s: dict) -> list[str]:
     tools = s["tools"]
-    rank = ("lowest-k overlap with float64", lambda t: f"{t['ranking']['overlap']}/{t['ranking']['k']} (max shift {t['ranking']['max_rank_shift']})" if "ranking" in t else "—")
-    lines = ["## 2. Real SmolLM2-135M (GGUF, dequantised)", "",
-             f"{s['description']}; {s['n_matrices']} matrices ({s['subset']}), quantisation types {s['quant_types']}, reference κ range "
-             f"{s['kappa_ref_range'][0]:.4g} … {s['kappa_ref_range'][1]:.4g}. conditune methods: {s['conditune_methods']}. "
-             f"Load average before/after: {s['load_avg_before']} / {s['load_avg_after']}.", ""]
+    rank = (
+        "lowest-k overlap with float64",
+        lambda t: (
+            f"{t['ranking']['overlap']}/{t['ranking']['k']} (max shift {t['ranking']['max_rank_shift']})"
+            if "ranking" in t
+            else "—"
+        ),
+    )
+    lines = [
+        "## 2. Real SmolLM2-135M (GGUF, dequantised)",
+        "",
+        f"{s['description']}; {s['n_matrices']} matrices ({s['subset']}), quantisation types {s['quant_types']}, reference κ range "
+        f"{s['kappa_ref_range'][0]:.4g} … {s['kappa_ref_range'][1]:.4g}. conditune methods: {s['conditune_methods']}. "
+        f"Load average before/after: {s['load_avg_before']} / {s['load_avg_after']}.",
+        "",
+    ]
     lines += _md_tool_summary(tools, [rank])
     peft = tools.get("peft", {})
-    lines += ["", "Ranking: of the k lowest-κ matrices by each tool, how many are among the k lowest by the float64 reference (same matrix set; "
-              "k = 100, or half the matrices in quick mode); max shift = largest rank displacement.",
-              f"conditune's own per-matrix error bound holds on every matrix: {s['conditune_bound_holds']}."]
+    lines += [
+        "",
+        "Ranking: of the k lowest-κ matrices by each tool, how many are among the k lowest by the float64 reference (same matrix set; "
+        "k = 100, or half the matrices in quick mode); max shift = largest rank displacement.",
+        f"conditune's own per-matrix error bound holds on every matrix: {s['conditune_bound_holds']}.",
+    ]
     if peft.get("available"):
-        lines.append(f"PEFT ran on the transformers-loaded model (load {_s(peft.get('model_load_seconds'))} s, not counted); skipped (a side > "
-                     f"{peft.get('max_dim_size_to_analyze')}): {peft.get('skipped')}.")
+        lines.append(
+            f"PEFT ran on the transformers-loaded model (load {_s(peft.get('model_load_seconds'))} s, not counted); skipped (a side > "
+            f"{peft.get('max_dim_size_to_analyze')}): {peft.get('skipped')}."
+        )
     elif peft:
         lines.append(f"PEFT: {peft.get('error')}")
     return lines + [""]
@@ -1012,27 +1224,38 @@ def _md_checkpoint(c: dict) -> list[str]:
     if "error" in c:
         return lines + [f"Not run: {c['error']}", ""]
     info, run = c["checkpoint"], c["scan"]
-    lines += [f"{c['description']}: config {c['config']}, {info['n_tensors']} tensors ({info['n_matrices']} matrices), {info['total_gib']} GiB, "
-              f"generation {_s(info.get('generation_seconds'))} s (0 = cached). Page cache of the shards dropped before the scan (posix_fadvise).", "",
-              f"- command: `{' '.join(run['command'])}`" + (f" — {c['cli_fallback']}" if c.get("cli_fallback") else ""),
-              f"- exit code {run['returncode']}{' (TIMED OUT)' if run['timed_out'] else ''}; wall time **{run['wall_seconds']:.1f} s**",
-              f"- peak RSS **{run['peak_rss_bytes'] / GiB:.2f} GiB** (psutil process tree {run['peak_rss_bytes_psutil'] / GiB:.2f} GiB, of which anonymous "
-              f"{run['peak_anon_rss_bytes_psutil'] / GiB:.2f} GiB; /usr/bin/time -v {run.get('peak_rss_bytes_time_v', 0) / GiB:.2f} GiB)"]
+    lines += [
+        f"{c['description']}: config {c['config']}, {info['n_tensors']} tensors ({info['n_matrices']} matrices), {info['total_gib']} GiB, "
+        f"generation {_s(info.get('generation_seconds'))} s (0 = cached). Page cache of the shards dropped before the scan (posix_fadvise).",
+        "",
+        f"- command: `{' '.join(run['command'])}`" + (f" — {c['cli_fallback']}" if c.get("cli_fallback") else ""),
+        f"- exit code {run['returncode']}{' (TIMED OUT)' if run['timed_out'] else ''}; wall time **{run['wall_seconds']:.1f} s**",
+        f"- peak RSS **{run['peak_rss_bytes'] / GiB:.2f} GiB** (psutil process tree {run['peak_rss_bytes_psutil'] / GiB:.2f} GiB, of which anonymous "
+        f"{run['peak_anon_rss_bytes_psutil'] / GiB:.2f} GiB; /usr/bin/time -v {run.get('peak_rss_bytes_time_v', 0) / GiB:.2f} GiB)",
+    ]
     tv = run.get("time_v", {})
     if tv:
-        lines.append(f"- CPU: user {tv.get('user_seconds')} s, system {tv.get('system_seconds')} s, {tv.get('cpu_percent')} % CPU; major page faults {tv.get('major_page_faults')}")
+        lines.append(
+            f"- CPU: user {tv.get('user_seconds')} s, system {tv.get('system_seconds')} s, {tv.get('cpu_percent')} % CPU; major page faults {tv.get('major_page_faults')}"
+        )
     lines.append(f"- load average before/after: {c.get('load_avg_before')} / {c.get('load_avg_after')}")
     rec = c.get("records")
     if rec:
         kr = rec["kappa_range"]
-        lines.append(f"- records: {rec['n']}, status {rec['status']}, methods {rec['methods']}, κ range {kr[0]:.4g} … {kr[1]:.4g}, "
-                     f"max κ error bound {_e(rec['max_kappa_rel_err_bound'])}")
-        lines.append(f"- scanner seconds by tensor kind (sum of record seconds {rec['sum_record_seconds']:.1f} s): {rec['seconds_by_kind']}")
+        lines.append(
+            f"- records: {rec['n']}, status {rec['status']}, methods {rec['methods']}, κ range {kr[0]:.4g} … {kr[1]:.4g}, "
+            f"max κ error bound {_e(rec['max_kappa_rel_err_bound'])}"
+        )
+        lines.append(
+            f"- scanner seconds by tensor kind (sum of record seconds {rec['sum_record_seconds']:.1f} s): {rec['seconds_by_kind']}"
+        )
         lines.append(f"- slowest records: {rec['slowest']}")
     ver = c.get("verification")
     if ver:
         errs = [x["rel_err"] for x in ver.values() if "rel_err" in x]
-        lines.append(f"- checked against float64 SVD: {len(errs)} matrices, max rel. κ error {_e(max(errs) if errs else None)}")
+        lines.append(
+            f"- checked against float64 SVD: {len(errs)} matrices, max rel. κ error {_e(max(errs) if errs else None)}"
+        )
     if run["returncode"] != 0:
         lines += ["", "Log tail:", "", "```", *run.get("log_tail", []), "```"]
     return lines + [""]
@@ -1045,17 +1268,35 @@ PARTS = {"block": part_block, "smollm2": part_smollm2, "checkpoint": part_checkp
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke test: shapes / 8, SmolLM2 blocks 0-3, a 2-layer checkpoint")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: shapes / 8, SmolLM2 blocks 0-3, a 2-layer checkpoint"
+    )
     p.add_argument("--parts", default="block,smollm2,checkpoint", help="comma list of: block, smollm2, checkpoint")
-    p.add_argument("--output", default=None, help="JSON results (markdown beside it, .md); default results/bench/scan_benchmark[_quick|_divN].json")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="JSON results (markdown beside it, .md); default results/bench/scan_benchmark[_quick|_divN].json",
+    )
     p.add_argument("--shrink", type=int, default=1, help="divide all block/checkpoint shapes by this (--quick: 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, default=None, help="checkpoint: number of decoder layers (default 32; 2 with --quick)")
-    p.add_argument("--slow-subset", default="", help="block: run PEFT and WeightWatcher only on matrices whose name contains one of these (comma list)")
+    p.add_argument(
+        "--layers", type=int, default=None, help="checkpoint: number of decoder layers (default 32; 2 with --quick)"
+    )
+    p.add_argument(
+        "--slow-subset",
+        default="",
+        help="block: run PEFT and WeightWatcher only on matrices whose name contains one of these (comma list)",
+    )
     p.add_argument("--no-weightwatcher", action="store_true", help="block: skip WeightWatcher")
-    p.add_argument("--scan-timeout", type=float, default=3 * 3600, help="checkpoint: kill the scan after this many seconds")
-    p.add_argument("--delete-checkpoint", action="store_true", help="checkpoint: delete the generated checkpoint afterwards")
+    p.add_argument(
+        "--scan-timeout", type=float, default=3 * 3600, help="checkpoint: kill the scan after this many seconds"
+    )
+    p.add_argument(
+        "--delete-checkpoint", action="store_true", help="checkpoint: delete the generated checkpoint afterwards"
+    )
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = set(args.parts) - set(PARTS)
@@ -1083,14 +1324,21 @@ def main(argv=None) -> int:
             old = json.loads(out.read_text())
             if old.get("quick") == args.quick and old.get("shrink", 1) == args.shrink:
                 results = {k: old[k] for k in PARTS if k in old}
-    results.update({"quick": args.quick, "shrink": args.shrink, "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine_info()})
+    results.update(
+        {
+            "quick": args.quick,
+            "shrink": args.shrink,
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "machine": machine_info(),
+        }
+    )
     status = 0
     for part in args.parts:
         log.info("=== part %s", part)
         start = perf_counter()
         try:
             section = PARTS[part](args)
-        except Exception as exc:  # noqa: BLE001 - one failing part must not lose the others
+        except Exception as exc:
             log.exception("part %s failed", part)
             section = {"error": f"{type(exc).__name__}: {exc}"}
             status = 1

@@ -19,17 +19,25 @@ import sys
 import time
 from pathlib import Path
 
-from conditune.demo import machine_description
-from conditune.errors import ConditumeError
-from conditune.evaluation.forgetting import DEFAULT_INSTRUCTIONS, greedy_agreement, load_llm_pair, read_texts, text_metrics
-from conditune.io import atomic_write_json
 from conditune.cli.transcribe import resolve_model_dir
+from conditune.demo import machine_description
+from conditune.errors import CondituneError
+from conditune.evaluation.forgetting import (
+    DEFAULT_INSTRUCTIONS,
+    greedy_agreement,
+    load_llm_pair,
+    read_texts,
+    text_metrics,
+)
+from conditune.io import atomic_write_json
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="trained model folder, checkpoint, or training output folder")
-    parser.add_argument("--heldout", action="append", default=[], metavar="LANG=PATH", help="held-out text file per language")
+    parser.add_argument(
+        "--heldout", action="append", default=[], metavar="LANG=PATH", help="held-out text file per language"
+    )
     parser.add_argument("--limit", type=int, default=100, help="held-out sentences per language")
     parser.add_argument("--prompts", type=int, default=10, help="English instructions for greedy agreement")
     parser.add_argument("--output", type=Path, required=True)
@@ -46,7 +54,9 @@ def main(argv=None) -> int:
     for lang, path in heldout.items():
         m = text_metrics(base, adapted, tokenizer, read_texts(path, limit=args.limit), batch_size=16, max_tokens=128)
         result["forgetting"][lang] = m
-        print(f"{lang}: perplexity {m['perplexity_base']:.2f} -> {m['perplexity_adapted']:.2f}, KL {m['kl_to_base']:.4f}")
+        print(
+            f"{lang}: perplexity {m['perplexity_base']:.2f} -> {m['perplexity_adapted']:.2f}, KL {m['kl_to_base']:.4f}"
+        )
     if args.prompts:
         a = greedy_agreement(base, adapted, tokenizer, DEFAULT_INSTRUCTIONS["en"][: args.prompts], max_new_tokens=24)
         result["agreement"] = a
@@ -59,5 +69,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConditumeError as exc:  # a missing run or text file: one line, not a traceback
+    except CondituneError as exc:  # a missing run or text file: one line, not a traceback
         sys.exit(f"forgetting_of_run: {exc}")

@@ -38,7 +38,10 @@ WHISPER_FRAMES = 3000  # 30 s of log-mel
 def transcribe(encoder, tokenizer, waveform: np.ndarray, language: str, max_length: int = 96) -> str:
     mel = encoder.mel(waveform)[:, :WHISPER_FRAMES]
     mel = np.pad(mel, ((0, 0), (0, WHISPER_FRAMES - mel.shape[1])), constant_values=float(mel.min()))
-    prompt = [tokenizer.token_to_id(t) for t in ("<|startoftranscript|>", f"<|{language}|>", "<|transcribe|>", "<|notimestamps|>")]
+    prompt = [
+        tokenizer.token_to_id(t)
+        for t in ("<|startoftranscript|>", f"<|{language}|>", "<|transcribe|>", "<|notimestamps|>")
+    ]
     if None in prompt:
         raise SystemExit(f"whisper_reference: the tokenizer has no token for language {language!r}")
     storage = encoder._ct2.StorageView.from_array(np.ascontiguousarray(mel[None], dtype=np.float32))
@@ -49,7 +52,9 @@ def transcribe(encoder, tokenizer, waveform: np.ndarray, language: str, max_leng
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=conditune_home() / "demo" / "speech" / "test.jsonl")
-    parser.add_argument("--model", default="demo:whisper-base", help="a CTranslate2 Whisper folder or demo:whisper-base")
+    parser.add_argument(
+        "--model", default="demo:whisper-base", help="a CTranslate2 Whisper folder or demo:whisper-base"
+    )
     parser.add_argument("--output", type=Path, default=Path("results/demo/whisper_reference.json"))
     args = parser.parse_args(argv)
     import tokenizers
@@ -64,17 +69,31 @@ def main(argv=None) -> int:
         hyp = transcribe(encoder, tokenizer, load_audio(utt.audio, sample_rate=16000), language)
         rows.append({"audio": str(utt.audio), "language": language, "reference": utt.text, "hypothesis": hyp})
     seconds = time.monotonic() - start
-    wer = word_error_rate([r["reference"] for r in rows], [r["hypothesis"] for r in rows], [r["language"] for r in rows])
+    wer = word_error_rate(
+        [r["reference"] for r in rows], [r["hypothesis"] for r in rows], [r["language"] for r in rows]
+    )
     wer = {k: v for k, v in wer.items() if k != "counts"}
-    result = {"what": "Whisper base's own decoder (CTranslate2, greedy, 30 s padding, language forced)",
-              "manifest": str(args.manifest), "utterances": len(rows), "wer": wer, "seconds": round(seconds, 1),
-              "machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "predictions": rows}
+    result = {
+        "what": "Whisper base's own decoder (CTranslate2, greedy, 30 s padding, language forced)",
+        "manifest": str(args.manifest),
+        "utterances": len(rows),
+        "wer": wer,
+        "seconds": round(seconds, 1),
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d"),
+        "predictions": rows,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.output, result)
-    lines = ["# Whisper base's own decoder on the demo test split", "",
-             f"{len(rows)} utterances from `{args.manifest.name}`, {seconds:.0f} s on {result['machine']['cpu']} "
-             f"({result['machine']['cores']} cores), {result['date']}.", "",
-             "| language | WER % |", "|---|---|"]
+    lines = [
+        "# Whisper base's own decoder on the demo test split",
+        "",
+        f"{len(rows)} utterances from `{args.manifest.name}`, {seconds:.0f} s on {result['machine']['cpu']} "
+        f"({result['machine']['cores']} cores), {result['date']}.",
+        "",
+        "| language | WER % |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.1f} |" for k, v in wer.items()]
     atomic_write_text(args.output.with_suffix(".md"), "\n".join(lines) + "\n")
     print(json.dumps({"wer": wer, "utterances": len(rows), "seconds": round(seconds, 1)}))
@@ -82,10 +101,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from conditune.errors import ConditumeError
+    from conditune.errors import CondituneError
 
     try:
         sys.exit(main())
-    except ConditumeError as exc:  # missing manifest or model: one line, exit 1
+    except CondituneError as exc:  # missing manifest or model: one line, exit 1
         print(f"whisper_reference: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -15,21 +15,25 @@ def tiny_llama_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     head_dim = HIDDEN // HEADS
     shapes = {"token_embd.weight": (VOCAB, HIDDEN), "output_norm.weight": (HIDDEN,)}
     for i in range(LAYERS):
-        shapes.update({
-            f"blk.{i}.attn_norm.weight": (HIDDEN,),
-            f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN),
-            f"blk.{i}.attn_k.weight": (KV_HEADS * head_dim, HIDDEN),
-            f"blk.{i}.attn_v.weight": (KV_HEADS * head_dim, HIDDEN),
-            f"blk.{i}.attn_output.weight": (HIDDEN, HIDDEN),
-            f"blk.{i}.ffn_norm.weight": (HIDDEN,),
-            f"blk.{i}.ffn_gate.weight": (FFN, HIDDEN),
-            f"blk.{i}.ffn_up.weight": (FFN, HIDDEN),
-            f"blk.{i}.ffn_down.weight": (HIDDEN, FFN),
-        })
+        shapes.update(
+            {
+                f"blk.{i}.attn_norm.weight": (HIDDEN,),
+                f"blk.{i}.attn_q.weight": (HIDDEN, HIDDEN),
+                f"blk.{i}.attn_k.weight": (KV_HEADS * head_dim, HIDDEN),
+                f"blk.{i}.attn_v.weight": (KV_HEADS * head_dim, HIDDEN),
+                f"blk.{i}.attn_output.weight": (HIDDEN, HIDDEN),
+                f"blk.{i}.ffn_norm.weight": (HIDDEN,),
+                f"blk.{i}.ffn_gate.weight": (FFN, HIDDEN),
+                f"blk.{i}.ffn_up.weight": (FFN, HIDDEN),
+                f"blk.{i}.ffn_down.weight": (HIDDEN, FFN),
+            }
+        )
     return {name: (rng.standard_normal(shape) * 0.05).astype(np.float32) for name, shape in shapes.items()}
 
 
-def write_tiny_gguf(path: Path, seed: int = 0, quant: str | None = None, raw_quant: str | None = None) -> dict[str, np.ndarray]:
+def write_tiny_gguf(
+    path: Path, seed: int = 0, quant: str | None = None, raw_quant: str | None = None
+) -> dict[str, np.ndarray]:
     """Write the tiny Llama; ``quant`` (e.g. "Q8_0") quantises the 2-D tensors with gguf's quantiser;
     ``raw_quant`` stores blk.0.ffn_up.weight as opaque bytes of that type (for unsupported types)."""
     import gguf

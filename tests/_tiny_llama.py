@@ -12,8 +12,16 @@ transformers.utils.logging.disable_progress_bar()
 
 
 def save_tiny_llama(path: Path, tie: bool = False, seed: int = 0) -> Path:
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=tie)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     return path

@@ -17,9 +17,21 @@ def make_tiny_whisper(directory: Path) -> Path:
 
     torch.manual_seed(0)
     cfg = WhisperConfig(
-        vocab_size=64, num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
-        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, max_source_positions=1500,
-        max_target_positions=32, pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=2,
+        vocab_size=64,
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        max_source_positions=1500,
+        max_target_positions=32,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+        decoder_start_token_id=2,
     )
     WhisperModel(cfg).save_pretrained(directory)
     return directory
@@ -34,16 +46,28 @@ def make_tiny_llm(directory: Path, texts=TEXTS, hidden: int = 32, layers: int = 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts) * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(directory)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=fast.pad_token_id,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        tie_word_embeddings=False,
     )
     LlamaForCausalLM(cfg).save_pretrained(directory)
     return directory
@@ -52,7 +76,11 @@ def make_tiny_llm(directory: Path, texts=TEXTS, hidden: int = 32, layers: int = 
 def tone(seconds: float, freq: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SR)) / SR
-    wave = 0.4 * np.sin(2 * np.pi * freq * t) + 0.2 * np.sin(2 * np.pi * 2.7 * freq * t) + 0.02 * rng.standard_normal(t.size)
+    wave = (
+        0.4 * np.sin(2 * np.pi * freq * t)
+        + 0.2 * np.sin(2 * np.pi * 2.7 * freq * t)
+        + 0.02 * rng.standard_normal(t.size)
+    )
     return wave.astype(np.float32)
 
 
@@ -69,7 +97,7 @@ def make_corpus(directory: Path, texts=TEXTS, name: str = "train") -> tuple[Path
     paths = []
     rows = []
     for i, text in enumerate(texts):
-        wav = write_wav(directory / "audio" / f"{name}{i}.wav", tone(0.6 + 0.25 * i, 220.0 * (1.5 ** i), seed=i))
+        wav = write_wav(directory / "audio" / f"{name}{i}.wav", tone(0.6 + 0.25 * i, 220.0 * (1.5**i), seed=i))
         paths.append(wav)
         rows.append({"id": f"{name}{i}", "audio": str(wav), "text": text, "language": "en" if i % 2 == 0 else "de"})
     manifest = directory / f"{name}.jsonl"

@@ -15,7 +15,7 @@ import soundfile as sf
 from conditune.data.audio import AudioError, audio_duration, audio_fingerprint, load_audio
 from conditune.data.batching import length_bucketed_batches
 from conditune.data.manifest import Utterance, read_manifest, utterances_from_rows, write_manifest
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 
 def _sine(freq: float, rate: int, seconds: float, channels: int = 1) -> np.ndarray:
@@ -83,7 +83,7 @@ def test_load_audio_errors(tmp_path):
     with pytest.raises(AudioError, match="broken.wav") as info:
         load_audio(broken)
     assert "\n" not in str(info.value)
-    assert isinstance(info.value, ConditumeError)
+    assert isinstance(info.value, CondituneError)
     nan = tmp_path / "nan.wav"
     sf.write(nan, np.full(1600, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
     with pytest.raises(AudioError, match="NaN.*nan.wav|nan.wav.*NaN"):
@@ -141,9 +141,9 @@ def test_read_manifest_good_and_bad_lines(tmp_path):
     reasons = dict(data.skipped)
     assert "JSON" in reasons[2] and "text" in reasons[3] and "not found" in reasons[4]
     assert "empty text" in reasons[5] and "duplicate" in reasons[8]
-    with pytest.raises(ConditumeError, match=r"train\.jsonl:2: invalid JSON"):
+    with pytest.raises(CondituneError, match=r"train\.jsonl:2: invalid JSON"):
         read_manifest(manifest, strict=True)
-    with pytest.raises(ConditumeError, match="manifest not found"):
+    with pytest.raises(CondituneError, match="manifest not found"):
         read_manifest(tmp_path / "nothing.jsonl")
 
 
@@ -152,8 +152,10 @@ def test_manifest_relative_paths_resolve_from_manifest_folder(tmp_path, monkeypa
     manifest = tmp_path / "data" / "sub" / "m.jsonl"
     manifest.parent.mkdir(parents=True)
     manifest.write_text(
-        json.dumps({"audio": "../audio/x.wav", "text": "relative"}) + "\n"
-        + json.dumps({"audio": str(wav), "text": "absolute"}) + "\n",
+        json.dumps({"audio": "../audio/x.wav", "text": "relative"})
+        + "\n"
+        + json.dumps({"audio": str(wav), "text": "absolute"})
+        + "\n",
         encoding="utf-8",
     )
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
@@ -201,7 +203,7 @@ def test_load_hf_dataset_without_datasets(monkeypatch):
     from conditune.data import manifest
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
-    with pytest.raises(ConditumeError, match="pip install datasets"):
+    with pytest.raises(CondituneError, match="pip install datasets"):
         manifest.load_hf_dataset("some/dataset", "test")
 
 
@@ -219,12 +221,13 @@ def test_load_hf_dataset_saved_to_disk(tmp_path):
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "ds"))
     from conditune.data.manifest import load_hf_dataset
 
-    utts = load_hf_dataset(str(tmp_path / "ds"), "test", text_column="sentence", language="de",
-                           cache_dir=tmp_path / "cache")
+    utts = load_hf_dataset(
+        str(tmp_path / "ds"), "test", text_column="sentence", language="de", cache_dir=tmp_path / "cache"
+    )
     assert [(u.text, u.language) for u in utts] == [("one", "de"), ("two", "de")]
     assert load_audio(utts[1].audio).size == 8000
     assert len(read_manifest(tmp_path / "cache" / "manifest.jsonl", strict=True)) == 2
-    with pytest.raises(ConditumeError, match="no split 'train'"):
+    with pytest.raises(CondituneError, match="no split 'train'"):
         load_hf_dataset(str(tmp_path / "ds"), "train", cache_dir=tmp_path / "cache")
 
 
@@ -241,6 +244,7 @@ def test_length_bucketed_batches():
     assert batches == length_bucketed_batches(lengths, max_batch=8, seed=3, epoch=0, bucket_size_multiplier=4)
     assert batches != length_bucketed_batches(lengths, max_batch=8, seed=3, epoch=1, bucket_size_multiplier=4)
     assert batches != length_bucketed_batches(lengths, max_batch=8, seed=4, epoch=0, bucket_size_multiplier=4)
+
     # bucketing: far less spread inside a batch than in random batches (multiplier 1)
     def spread(bs):
         return np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs if len(b) > 1])
@@ -316,13 +320,19 @@ def test_plan_texts_disjoint_and_stable():
     assert bigger.splits["train"][:20] == plan.splits["train"]  # more train only appends
     assert bigger.splits["test"] == plan.splits["test"] and bigger.heldout == plan.heldout
     assert synth.plan_texts(pool, "en", 8, counts, 10).splits["test"] != plan.splits["test"]
-    with pytest.raises(ConditumeError, match="only 100 usable"):
+    with pytest.raises(CondituneError, match="only 100 usable"):
         synth.plan_texts(pool, "en", 7, {"train": 99, "dev": 1, "test": 1}, 0)
 
 
 def test_plan_texts_limited_vocabulary():
-    pool = ["The cat sat on the mat.", "The cat sat on the rug.", "The cat sat.", "A cat sat on the mat.",
-            "The dog ran far.", "A red hat."]
+    pool = [
+        "The cat sat on the mat.",
+        "The cat sat on the rug.",
+        "The cat sat.",
+        "A cat sat on the mat.",
+        "The dog ran far.",
+        "A red hat.",
+    ]
     # word counts: the 7, cat 4, sat 4, on 3, a 2, mat 2, then 1 each (ties go alphabetically)
     kept = ["The cat sat on the mat.", "The cat sat.", "A cat sat on the mat."]
     assert synth.common_words_only(pool, 6) == kept
@@ -332,12 +342,12 @@ def test_plan_texts_limited_vocabulary():
     plan = synth.plan_texts(pool, "en", 3, counts, heldout_count=50, vocab_size=6)
     assert sorted(plan.splits["train"] + plan.splits["test"]) == sorted(kept) and plan.pool_size == 3
     assert sorted(plan.heldout) == sorted(set(pool) - set(kept))  # all the rest, never spoken
-    with pytest.raises(ConditumeError, match="only 3 usable ones with only the 6 most frequent words"):
+    with pytest.raises(CondituneError, match="only 3 usable ones with only the 6 most frequent words"):
         synth.plan_texts(pool, "en", 3, {**counts, "train": 3}, 0, vocab_size=6)
 
 
 def test_synth_rejects_a_vocabulary_below_one(tmp_path):
-    with pytest.raises(ConditumeError, match="vocab_size must be >= 1"):
+    with pytest.raises(CondituneError, match="vocab_size must be >= 1"):
         synth.synthesize_dataset(synth.SynthConfig(output=tmp_path / "s", vocab_size=0), progress=False)
 
 
@@ -354,14 +364,16 @@ def test_choose_voice_deterministic():
 def test_missing_espeak_error(monkeypatch):
     monkeypatch.setattr(synth.shutil, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "espeakng_loader", None)
-    with pytest.raises(ConditumeError, match="apt-get install espeak-ng.*pip install espeakng-loader"):
+    with pytest.raises(CondituneError, match="apt-get install espeak-ng.*pip install espeakng-loader"):
         synth.find_espeak()
 
 
 def test_espeakng_loader_library(tmp_path):
     pytest.importorskip("espeakng_loader", reason="optional espeakng-loader wheel not installed")
     engine = synth.EspeakLibrary()
-    data, rate = engine.synthesize("Guten Morgen, wie geht es dir?", {"voice": "de+f3", "speed": 160, "pitch": 55}, tmp_path)
+    data, rate = engine.synthesize(
+        "Guten Morgen, wie geht es dir?", {"voice": "de+f3", "speed": 160, "pitch": 55}, tmp_path
+    )
     assert rate == 22050 and data.shape[1] == 1 and 0.5 < data.shape[0] / rate < 5
     assert 0.05 < np.abs(data).max() <= 1.0
     with pytest.raises(synth.EngineError, match="no voice"):
@@ -370,8 +382,16 @@ def test_espeakng_loader_library(tmp_path):
 
 def _synth(tmp_path: Path, name: str, texts: dict, **kwargs):
     config = synth.SynthConfig(
-        output=tmp_path / name, languages=("en", "de"), count_train=3, count_dev=3, count_test=3,
-        heldout_count=4, seed=11, jobs=2, texts=texts, **kwargs,
+        output=tmp_path / name,
+        languages=("en", "de"),
+        count_train=3,
+        count_dev=3,
+        count_test=3,
+        heldout_count=4,
+        seed=11,
+        jobs=2,
+        texts=texts,
+        **kwargs,
     )
     return synth.synthesize_dataset(config, progress=False)
 
@@ -416,14 +436,33 @@ def test_synth_small_run(tmp_path):
 
 
 @needs_espeak
-@pytest.mark.skipif(not synth.FORTUNE_DIRS["en"].is_dir() or not synth.FORTUNE_DIRS["de"].is_dir(),
-                    reason="fortunes / fortunes-de not installed (apt-get install fortunes fortunes-de)")
+@pytest.mark.skipif(
+    not synth.FORTUNE_DIRS["en"].is_dir() or not synth.FORTUNE_DIRS["de"].is_dir(),
+    reason="fortunes / fortunes-de not installed (apt-get install fortunes fortunes-de)",
+)
 def test_synth_from_fortunes_cli(tmp_path):
     from conditune.cli import main
 
     out = tmp_path / "fortunes"
-    args = ["data", "synth", "--output", str(out), "--count-train", "2", "--count-dev", "1", "--count-test", "1",
-            "--heldout-count", "5", "--seed", "3", "--jobs", "2", "--no-progress"]
+    args = [
+        "data",
+        "synth",
+        "--output",
+        str(out),
+        "--count-train",
+        "2",
+        "--count-dev",
+        "1",
+        "--count-test",
+        "1",
+        "--heldout-count",
+        "5",
+        "--seed",
+        "3",
+        "--jobs",
+        "2",
+        "--no-progress",
+    ]
     assert main(args) == 0
     rows = [json.loads(x) for s in synth.SPLITS for x in (out / f"{s}.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["language"] for r in rows} == {"en", "de"}

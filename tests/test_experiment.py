@@ -8,9 +8,8 @@ import pytest
 import torch
 import yaml
 
+from conditune.errors import CondituneError
 from speech_helpers import make_corpus, make_tiny_llm, make_tiny_whisper
-
-from conditune.errors import ConditumeError
 
 torch.set_num_threads(1)
 
@@ -25,24 +24,55 @@ def assets(tmp_path_factory):
     llm = make_tiny_llm(root / "llm")
     manifest, _ = make_corpus(root / "data")
     heldout = {}
-    for lang, lines in {"en": ["good morning to you", "open the window please"], "de": ["yes now", "turn right"]}.items():
+    for lang, lines in {
+        "en": ["good morning to you", "open the window please"],
+        "de": ["yes now", "turn right"],
+    }.items():
         heldout[lang] = root / "data" / f"heldout_text.{lang}.txt"
         heldout[lang].write_text("\n".join(lines) + "\n")
-    return {"root": root, "whisper": whisper, "llm": llm, "manifest": manifest, "heldout": heldout, "cache": root / "features"}
+    return {
+        "root": root,
+        "whisper": whisper,
+        "llm": llm,
+        "manifest": manifest,
+        "heldout": heldout,
+        "cache": root / "features",
+    }
 
 
 def _config(assets, arms, seeds=(0, 1), **train) -> dict:
     return {
-        "experiment": {"arms": list(arms), "seeds": list(seeds), "count": 4,
-                       "heldout_text": {k: str(v) for k, v in assets["heldout"].items()},
-                       "instructions": {"en": ["open the door"], "de": ["good morning"]}, "agreement_new_tokens": 4,
-                       "max_tokens": 16},
-        "model": {"encoder": {"backend": "hf", "path": str(assets["whisper"])}, "llm": {"path": str(assets["llm"])},
-                  "adaptor": {"subsample": 4, "depth": 1, "heads": 4, "dropout": 0.1}},
-        "data": {"train": str(assets["manifest"]), "dev": str(assets["manifest"]), "max_batch": 2,
-                 "feature_cache": str(assets["cache"])},
-        "train": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 4, "eval_every": 2, "log_every": 1, "progress": False,
-                  "tensorboard": False, "max_new_tokens": 6, **train},
+        "experiment": {
+            "arms": list(arms),
+            "seeds": list(seeds),
+            "count": 4,
+            "heldout_text": {k: str(v) for k, v in assets["heldout"].items()},
+            "instructions": {"en": ["open the door"], "de": ["good morning"]},
+            "agreement_new_tokens": 4,
+            "max_tokens": 16,
+        },
+        "model": {
+            "encoder": {"backend": "hf", "path": str(assets["whisper"])},
+            "llm": {"path": str(assets["llm"])},
+            "adaptor": {"subsample": 4, "depth": 1, "heads": 4, "dropout": 0.1},
+        },
+        "data": {
+            "train": str(assets["manifest"]),
+            "dev": str(assets["manifest"]),
+            "max_batch": 2,
+            "feature_cache": str(assets["cache"]),
+        },
+        "train": {
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "max_steps": 4,
+            "eval_every": 2,
+            "log_every": 1,
+            "progress": False,
+            "tensorboard": False,
+            "max_new_tokens": 6,
+            **train,
+        },
     }
 
 
@@ -61,7 +91,9 @@ def test_lora_arms_match_lowest_kappa_count(assets):
     records, meta = load_scan(cfg)
     plans = plan_arms(cfg, records, seed=0, meta=meta)
     target = plans["lowest-kappa"].llm_params
-    assert len(plans["lowest-kappa"].names) == 4 and set(plans["lowest-kappa"].names).isdisjoint(plans["highest-kappa"].names)
+    assert len(plans["lowest-kappa"].names) == 4 and set(plans["lowest-kappa"].names).isdisjoint(
+        plans["highest-kappa"].names
+    )
     for arm in ("lora", "kappa-lora"):
         assert abs(plans[arm].llm_params / target - 1) <= 0.05, (arm, plans[arm].llm_params, target)
     assert plans["random"].names != plan_arms(cfg, records, seed=1, meta=meta)["random"].names  # seeded per seed
@@ -77,7 +109,13 @@ def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
     out = tmp_path / "exp"
     result = run_experiment(_config(assets, ["lowest-kappa", "lora"]), out)
     assert sorted(result["ran"]) == [("lora", 0), ("lora", 1), ("lowest-kappa", 0), ("lowest-kappa", 1)]
-    for name in ("results.csv", "summary.md", "wer_over_steps.png", "forgetting_over_steps.png", "wer_vs_forgetting.png"):
+    for name in (
+        "results.csv",
+        "summary.md",
+        "wer_over_steps.png",
+        "forgetting_over_steps.png",
+        "wer_vs_forgetting.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
 
     # identical footing: same batches, learning rates and initial loss (same init) for every arm of a seed
@@ -89,13 +127,26 @@ def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
         assert [r["llm_lr"] for r in ta] == [r["llm_lr"] for r in tb]
         assert ta[0]["loss"] == pytest.approx(tb[0]["loss"], rel=1e-5)  # LoRA starts as the identity
         assert [r["step"] for r in a if r["kind"] == "eval"] == [r["step"] for r in b if r["kind"] == "eval"] == [2, 4]
-    assert _train_records(out, "lowest-kappa", 0)[-2]["data_sha"] != _train_records(out, "lowest-kappa", 1)[-2]["data_sha"]
+    assert (
+        _train_records(out, "lowest-kappa", 0)[-2]["data_sha"] != _train_records(out, "lowest-kappa", 1)[-2]["data_sha"]
+    )
 
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0] == "arm,seed,step,metric,value"
     metrics = {r.split(",")[3] for r in rows[1:]}
-    assert {"wer_all", "wer_en", "wer_de", "kl_en", "ppl_change_de", "agreement_en", "kl", "ppl_change", "agreement",
-            "trainable_llm_params", "wall_s"} <= metrics
+    assert {
+        "wer_all",
+        "wer_en",
+        "wer_de",
+        "kl_en",
+        "ppl_change_de",
+        "agreement_en",
+        "kl",
+        "ppl_change",
+        "agreement",
+        "trainable_llm_params",
+        "wall_s",
+    } <= metrics
     summary = (out / "summary.md").read_text()
     assert "| lowest-kappa | 2 |" in summary and "| lora | 2 |" in summary
     assert "batch order identical" in summary and "DIFFERS" not in summary and "pooled std" in summary
@@ -112,7 +163,7 @@ def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
     first = [r for r in _train_records(out, "adaptor-only", 0) if r["kind"] == "train"]
     assert first[0]["data_sha"] == _train_records(out, "lowest-kappa", 0)[0]["data_sha"]
     # a different configuration in the same folder is refused
-    with pytest.raises(ConditumeError, match="another configuration"):
+    with pytest.raises(CondituneError, match="another configuration"):
         run_experiment(_config(assets, ["lowest-kappa"], max_steps=6), out)
 
 
@@ -125,7 +176,7 @@ def test_killed_run_resumes_to_the_same_result(assets, tmp_path, monkeypatch):
     real = trainer.train
     monkeypatch.setattr(trainer, "train", lambda *a, **k: real(*a, **{**k, "stop_after_steps": 3}))
     out = tmp_path / "killed"
-    with pytest.raises(ConditumeError, match="stopped early"):
+    with pytest.raises(CondituneError, match="stopped early"):
         run_experiment(_config(assets, ["lowest-kappa"], seeds=[0]), out)
     monkeypatch.setattr(trainer, "train", real)
     logs = []
@@ -143,8 +194,14 @@ def test_bad_config_is_one_line_error(assets, tmp_path, capsys):
 
     path = tmp_path / "e.yaml"
     path.write_text(yaml.safe_dump(_config(assets, ["lowest-kappa"])))
-    for override in ("experiment.arms=[lowest-kappa,bogus]", "experiment.count=0", "experiment.seeds=[0,0]",
-                     "experiment.lora_rank=big", "train.max_seconds=60", "experiment.colour=red"):
+    for override in (
+        "experiment.arms=[lowest-kappa,bogus]",
+        "experiment.count=0",
+        "experiment.seeds=[0,0]",
+        "experiment.lora_rank=big",
+        "train.max_seconds=60",
+        "experiment.colour=red",
+    ):
         assert main(["experiment", str(path), "--output", str(tmp_path / "o"), override]) == 1, override
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err, (override, err)

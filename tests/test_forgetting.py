@@ -6,12 +6,17 @@ import math
 
 import pytest
 import torch
-from speech_helpers import make_tiny_llm
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from conditune.errors import ConditumeError
-from conditune.evaluation.forgetting import (DEFAULT_INSTRUCTIONS, greedy_agreement, read_texts, text_metrics,
-                                             tokenize_texts)
+from conditune.errors import CondituneError
+from conditune.evaluation.forgetting import (
+    DEFAULT_INSTRUCTIONS,
+    greedy_agreement,
+    read_texts,
+    text_metrics,
+    tokenize_texts,
+)
+from speech_helpers import make_tiny_llm
 
 TEXTS = ["open the door", "good morning", "turn left now", "yes please", "open the window please", "good"]
 
@@ -34,7 +39,7 @@ def test_read_texts(tmp_path):
     f.write_text("one\n\n  two  \nthree\n", encoding="utf-8")
     assert read_texts(f) == ["one", "two", "three"]
     assert read_texts(f, limit=2) == ["one", "two"]
-    with pytest.raises(ConditumeError):
+    with pytest.raises(CondituneError):
         read_texts(tmp_path / "missing.txt")
 
 
@@ -102,7 +107,9 @@ def test_agreement_detects_change(tiny):
     path, tok = tiny
     base, adapted = _load(path), _load(path)
     with torch.no_grad():
-        adapted.lm_head.weight.copy_(torch.randn(adapted.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)))
+        adapted.lm_head.weight.copy_(
+            torch.randn(adapted.lm_head.weight.shape, generator=torch.Generator().manual_seed(3))
+        )
     g = greedy_agreement(base, adapted, tok, ["open the", "good", "yes"], max_new_tokens=6)
     assert 0.0 <= g["agreement"] < 1.0
     assert g["exact"] < 1.0
@@ -111,5 +118,5 @@ def test_agreement_detects_change(tiny):
 
 def test_default_instructions():
     assert set(DEFAULT_INSTRUCTIONS) >= {"en", "de"}
-    for lang, items in DEFAULT_INSTRUCTIONS.items():
+    for items in DEFAULT_INSTRUCTIONS.values():
         assert len(items) >= 15 and len(set(items)) == len(items)

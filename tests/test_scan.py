@@ -118,7 +118,9 @@ def test_record_fields_and_derived_quantities(tmp_path):
     by_name = {r.name: r for r in records}
     q = by_name["model.layers.1.self_attn.q_proj.weight"]
     assert (q.layer, q.kind, q.shape, q.dtype, q.numel) == (1, "self_attn.q_proj", (32, 32), "f32", 1024)
-    s = np.linalg.svd(torch.nn.Parameter(open_source(tmp_path / "m").load(q.name)).detach().double().numpy(), compute_uv=False)
+    s = np.linalg.svd(
+        torch.nn.Parameter(open_source(tmp_path / "m").load(q.name)).detach().double().numpy(), compute_uv=False
+    )
     assert q.kappa == pytest.approx(s[0] / s[-1], rel=1e-9)
     assert q.entropy_bits == pytest.approx(entropy_bits(float(np.sum(np.log2(s))), 32), rel=1e-9)
     assert q.kappa_mp == pytest.approx(kappa_random((32, 32)))
@@ -235,7 +237,9 @@ def _truncate(path: Path, keep: int) -> None:
     path.write_bytes(data[:keep])
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "corrupt_header", "empty_dir", "bad_gguf_quant", "bad_suffix", "not_gguf"])
+@pytest.mark.parametrize(
+    "case", ["missing", "truncated", "corrupt_header", "empty_dir", "bad_gguf_quant", "bad_suffix", "not_gguf"]
+)
 def test_errors_are_one_line_with_exit_1(tmp_path, capsys, case):
     if case == "missing":
         target = tmp_path / "nope"
@@ -312,7 +316,10 @@ def test_killed_scan_resumes(tmp_path):
     """A scan killed mid-way keeps its finished records; the rerun computes only the rest."""
     folder = tmp_path / "big"
     folder.mkdir()
-    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.from_numpy(prescribed((700, 650), 1e3, seed=i)).float() for i in range(12)}
+    tensors = {
+        f"model.layers.{i}.mlp.down_proj.weight": torch.from_numpy(prescribed((700, 650), 1e3, seed=i)).float()
+        for i in range(12)
+    }
     save_file(tensors, folder / "model.safetensors")
     cache = tmp_path / "cache"
     env = {**os.environ, "CONDITUNE_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
@@ -352,8 +359,23 @@ def test_torchrun_two_processes_merge(tmp_path):
     with socket.socket() as probe:  # a free port: parallel runs must not collide
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "--master_addr=127.0.0.1",
-           "-m", "conditune", "scan", str(model_dir), "-o", str(out), "-q", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "--master_addr=127.0.0.1",
+        "-m",
+        "conditune",
+        "scan",
+        str(model_dir),
+        "-o",
+        str(out),
+        "-q",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     merged, meta = read_records(out)

@@ -11,7 +11,7 @@ import yaml
 
 from _tiny_llama import batch, load_tiny_llama, save_tiny_llama
 from conditune.cli import main
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.scanning.records import TensorRecord, read_records, write_records
 from conditune.selection import (
     apply_selection,
@@ -60,8 +60,18 @@ def make_records(spec: dict) -> list[TensorRecord]:
         numel = 1
         for d in shape:
             numel *= d
-        records.append(TensorRecord(name=name, shape=shape, dtype="float32", numel=numel, status=status,
-                                    kappa=kappa, kappa_norm=kappa_norm, log2_volume=None if kappa is None else -kappa))
+        records.append(
+            TensorRecord(
+                name=name,
+                shape=shape,
+                dtype="float32",
+                numel=numel,
+                status=status,
+                kappa=kappa,
+                kappa_norm=kappa_norm,
+                log2_volume=None if kappa is None else -kappa,
+            )
+        )
     return records
 
 
@@ -129,8 +139,16 @@ def test_budget_fraction_and_params(scan):
 def test_per_kind_shares_count(scan):
     # 15 candidates in 9 kinds; 8 tensors: one per two-tensor kind (6), and the 2 leftovers go to the
     # one-tensor kinds (largest remainder) whose tensor ranks best: embed (3.0), down_proj (8.0), not lm_head (40)
-    expected = [V0, K0, EMBED, GATE0, UP0, L1 + "mlp.down_proj.weight",
-                L0 + "self_attn.q_proj.weight", L0 + "self_attn.o_proj.weight"]
+    expected = [
+        V0,
+        K0,
+        EMBED,
+        GATE0,
+        UP0,
+        L1 + "mlp.down_proj.weight",
+        L0 + "self_attn.q_proj.weight",
+        L0 + "self_attn.o_proj.weight",
+    ]
     assert names(scan, count=8, per_kind=True) == expected
     # fewer tensors than kinds: larger kinds first (remainder 0.4 > 0.2), then the best-ranked among them
     assert names(scan, count=3, per_kind=True) == [V0, K0, GATE0]
@@ -149,8 +167,12 @@ def test_include_exclude(scan):
 
 def test_fused_slices_map_to_one_parameter():
     base = "model.layers.0.mlp.experts.gate_up_proj"
-    spec = {f"{base}[0]": ((64, 32), "ok", 5.0, 1.0), f"{base}[1]": ((64, 32), "flagged", 1.0, 1.0),
-            f"{base}[2]": ((64, 32), "ok", 2.0, 1.0), "a.weight": ((8, 8), "ok", 3.0, 1.0)}
+    spec = {
+        f"{base}[0]": ((64, 32), "ok", 5.0, 1.0),
+        f"{base}[1]": ((64, 32), "flagged", 1.0, 1.0),
+        f"{base}[2]": ((64, 32), "ok", 2.0, 1.0),
+        "a.weight": ((8, 8), "ok", 3.0, 1.0),
+    }
     sel = select(make_records(spec), count=1)
     (fused,) = sel.chosen
     assert (fused.name, fused.score, fused.slices, fused.numel) == (base, 2.0, (0, 2), 3 * 64 * 32)
@@ -158,14 +180,23 @@ def test_fused_slices_map_to_one_parameter():
     assert peft_targets(select(make_records(spec), count=5)) == {"target_modules": ["a"], "target_parameters": [base]}
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"count": 0}, "--count"), ({"count": 3, "budget": 0.1}, "only one"), ({"budget": 1.5}, "--budget"),
-    ({"policy": "best"}, "unknown policy"), ({"score": "snr"}, "unknown score"), ({"policy": "threshold"}, "--threshold"),
-    ({"include": ["("]}, "regular expression"), ({"params": "12Q"}, "parameter count"), ({"params": "10"}, "no tensor fits"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"count": 0}, "--count"),
+        ({"count": 3, "budget": 0.1}, "only one"),
+        ({"budget": 1.5}, "--budget"),
+        ({"policy": "best"}, "unknown policy"),
+        ({"score": "snr"}, "unknown score"),
+        ({"policy": "threshold"}, "--threshold"),
+        ({"include": ["("]}, "regular expression"),
+        ({"params": "12Q"}, "parameter count"),
+        ({"params": "10"}, "no tensor fits"),
+    ],
+)
 def test_bad_options(scan, kw, message):
     records, _ = scan
-    with pytest.raises(ConditumeError, match=message):
+    with pytest.raises(CondituneError, match=message):
         select(records, kw.pop("policy", "lowest"), **kw)
 
 
@@ -186,15 +217,21 @@ def test_formats_round_trip(scan, tmp_path):
     assert "# fingerprint: abc123" in text and "# policy: lowest kappa, count 5" in text
     doc = json.loads((tmp_path / "n.json").read_text())
     assert doc["totals"]["parameters"] == sel.selected_params == 512 * 3 + 4096 + 2048
-    assert doc["tensors"][0] == {"name": V0, "kind": "self_attn.v_proj", "layer": 0, "numel": 512,
-                                 "shape": [16, 32], "kappa": 1.5}
+    assert doc["tensors"][0] == {
+        "name": V0,
+        "kind": "self_attn.v_proj",
+        "layer": 0,
+        "numel": 512,
+        "shape": [16, 32],
+        "kappa": 1.5,
+    }
     peft = json.loads((tmp_path / "n.peft.json").read_text())
     assert peft == {"target_modules": [n[: -len(".weight")] for n in sel.names], "target_parameters": None}
 
 
 def test_read_names_rejects_real_regex(tmp_path):
     (tmp_path / "a.yaml").write_text("unfrozen_parameters:\n- ^lm_head.weight$\n- ^model.layers.[0-9]+.mlp.*\n")
-    with pytest.raises(ConditumeError, match="regex"):
+    with pytest.raises(CondituneError, match="regex"):
         read_names(tmp_path / "a.yaml")
     (tmp_path / "b.yaml").write_text("unfrozen_parameters:\n- ^lm_head.weight$\n")
     assert read_names(tmp_path / "b.yaml") == ["lm_head.weight"]
@@ -261,9 +298,9 @@ def test_prefix_and_unknown_names(llama_dir):
     report = apply_selection(wrapper, [V0, K1], prefix="llm")
     assert sorted(report.trainable) == sorted(["llm." + V0, "llm." + K1])
     assert not wrapper.projector.weight.requires_grad
-    with pytest.raises(ConditumeError, match=r"prefix='llm'"):
+    with pytest.raises(CondituneError, match=r"prefix='llm'"):
         apply_selection(wrapper, [V0])
-    with pytest.raises(ConditumeError, match=r"closest: model\.layers\.0\.self_attn\.q_proj\.weight") as info:
+    with pytest.raises(CondituneError, match=r"closest: model\.layers\.0\.self_attn\.q_proj\.weight") as info:
         apply_selection(wrapper.llm, ["model.layers.0.self_attn.q_proj.weights"])
     assert "\n" not in str(info.value)
     report = apply_selection(wrapper.llm, [V0, "nope.weight"], strict=False)
@@ -286,13 +323,16 @@ def test_cli_select_writes_files(scan_csv, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-2:] == ["lm_head.weight", L1 + "self_attn.v_proj.weight"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{tmp}/missing.csv", "--count", "3"], "scan file not found"),
-    (["{scan}", "--policy", "best"], "unknown policy"),
-    (["{scan}", "--count", "0"], "--count must be"),
-    (["{scan}", "--count", "-2"], "--count must be"),
-    (["{scan}", "--format", "xml", "-o", "{tmp}/x.xml"], "unknown format"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/missing.csv", "--count", "3"], "scan file not found"),
+        (["{scan}", "--policy", "best"], "unknown policy"),
+        (["{scan}", "--count", "0"], "--count must be"),
+        (["{scan}", "--count", "-2"], "--count must be"),
+        (["{scan}", "--format", "xml", "-o", "{tmp}/x.xml"], "unknown format"),
+    ],
+)
 def test_cli_select_bad_input(scan_csv, tmp_path, capsys, args, message):
     args = [a.format(scan=scan_csv, tmp=tmp_path) for a in args]
     assert main(["select", *args]) == 1

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from speech_helpers import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone
-
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.speech.adaptor import AudioAdaptor
 from conditune.speech.config import AdaptorConfig, EncoderConfig, SpeechLLMConfig
 from conditune.speech.encoders import HFWhisperEncoder, encoded_length
 from conditune.speech.modeling import IGNORE_INDEX, SpeechLLM
+from speech_helpers import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone
 
 torch.set_num_threads(1)
 
@@ -53,10 +52,10 @@ def test_config_round_trip_and_errors(assets):
     assert cfg.adaptor.dropout == 0.25 and cfg.trainable.mode == "lora"
     again = SpeechLLMConfig.from_dict(json.loads(cfg.to_json()))
     assert again == cfg
-    with pytest.raises(ConditumeError, match="unknown key"):
+    with pytest.raises(CondituneError, match="unknown key"):
         SpeechLLMConfig.from_dict({"adaptor": {"sub_sample": 4}})
     bad = SpeechLLMConfig.from_dict({**data, "trainable": {"mode": "names"}})
-    with pytest.raises(ConditumeError, match="names_file"):
+    with pytest.raises(CondituneError, match="names_file"):
         bad.validate()
 
 
@@ -94,10 +93,23 @@ def test_hf_encoder_equals_transformers_forward_on_30s_input(tmp_path):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = WhisperConfig(vocab_size=64, num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=2,
-                        encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
-                        max_source_positions=1500, max_target_positions=32, pad_token_id=1, bos_token_id=2,
-                        eos_token_id=2, decoder_start_token_id=2)
+    cfg = WhisperConfig(
+        vocab_size=64,
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        max_source_positions=1500,
+        max_target_positions=32,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
     reference = WhisperForConditionalGeneration(cfg).eval()  # a ...ForConditionalGeneration folder loads too
     reference.save_pretrained(tmp_path / "w")
     enc = HFWhisperEncoder(EncoderConfig(backend="hf", path=str(tmp_path / "w")))
@@ -127,7 +139,9 @@ def test_adaptor_subsamples_and_ignores_padding():
     flat = AudioAdaptor(8, 16, AdaptorConfig(subsample=4, depth=0, heads=4)).eval()
     y = torch.randn(1, 6, 8)
     out, new = flat(y, torch.tensor([6]))
-    rows = torch.stack([torch.cat([y[0, 0], y[0, 1], y[0, 2], y[0, 3]]), torch.cat([y[0, 4], y[0, 5], torch.zeros(16)])])
+    rows = torch.stack(
+        [torch.cat([y[0, 0], y[0, 1], y[0, 2], y[0, 3]]), torch.cat([y[0, 4], y[0, 5], torch.zeros(16)])]
+    )
     with torch.no_grad():
         expected = flat.norm(flat.proj(rows)) + sinusoidal_positions(2, 16)
     assert new.tolist() == [2]
@@ -155,7 +169,12 @@ def test_labels_and_loss_equal_hand_computation(model, assets):
         # layout: audio, BOS, text, EOS, then right padding
         assert batch.attention_mask[b].tolist() == [1] * seq_len + [0] * (batch.attention_mask.shape[1] - seq_len)
         assert batch.position_ids[b, :seq_len].tolist() == list(range(seq_len))
-        expected = [IGNORE_INDEX] * n_audio + list(toks) + [eos] + [IGNORE_INDEX] * (batch.labels.shape[1] - n_audio - len(toks) - 1)
+        expected = (
+            [IGNORE_INDEX] * n_audio
+            + list(toks)
+            + [eos]
+            + [IGNORE_INDEX] * (batch.labels.shape[1] - n_audio - len(toks) - 1)
+        )
         assert batch.labels[b].tolist() == expected
         # by hand: one unpadded sequence through the full model, loss token by token
         emb = model.core_llm.get_input_embeddings()
@@ -221,19 +240,24 @@ def test_save_load_round_trip(assets, tmp_path):
     loaded = SpeechLLM.from_pretrained(tmp_path / "model")
     assert loaded.transcribe(paths, max_new_tokens=8) == before
     for name in names:
-        torch.testing.assert_close(dict(loaded.llm.named_parameters())[name], dict(m.llm.named_parameters())[name], rtol=0, atol=0)
+        torch.testing.assert_close(
+            dict(loaded.llm.named_parameters())[name], dict(m.llm.named_parameters())[name], rtol=0, atol=0
+        )
     # text-only use (forgetting evaluation): no encoder needed, same LLM weights
     text_only = SpeechLLM.from_pretrained(tmp_path / "model", load_encoder=False)
     assert text_only.encoder is None
     for name in names:
         assert torch.equal(dict(text_only.llm.named_parameters())[name], dict(m.llm.named_parameters())[name])
-    with pytest.raises(ConditumeError, match="adaptor"):
+    with pytest.raises(CondituneError, match="adaptor"):
         SpeechLLM.from_pretrained(tmp_path / "model").load_trained_state(tmp_path)
 
 
 def test_lora_mode_trains_only_adapters(assets, tmp_path):
-    cfg = SpeechLLMConfig.from_dict(model_config(assets["whisper"], assets["llm"], "lora",
-                                                 lora={"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}))
+    cfg = SpeechLLMConfig.from_dict(
+        model_config(
+            assets["whisper"], assets["llm"], "lora", lora={"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}
+        )
+    )
     m = SpeechLLM.build(cfg)
     names = m.llm_trainable_names()
     assert names and all("lora_" in n for n in names)
@@ -248,8 +272,10 @@ def test_lora_mode_trains_only_adapters(assets, tmp_path):
 
 
 def test_unknown_selected_name_is_a_user_error(assets):
-    cfg = SpeechLLMConfig.from_dict(model_config(assets["whisper"], assets["llm"], "names", names=["model.nope.weight"]))
-    with pytest.raises(ConditumeError):
+    cfg = SpeechLLMConfig.from_dict(
+        model_config(assets["whisper"], assets["llm"], "names", names=["model.nope.weight"])
+    )
+    with pytest.raises(CondituneError):
         SpeechLLM.build(cfg)
 
 
@@ -370,8 +396,8 @@ def test_ctc_embedding_readout_mixes_token_embeddings_by_posterior(assets):
     out.sum().backward()  # gradients reach the adaptor through the posterior; dropped positions get none
     assert row.grad[0].abs().sum() == 0 and row.grad[1].abs().sum() > 0
     cfg["adaptor"]["ctc_compress"] = False
-    with pytest.raises(ConditumeError, match="ctc_readout 'embeddings' needs"):
+    with pytest.raises(CondituneError, match="ctc_readout 'embeddings' needs"):
         SpeechLLMConfig.from_dict(cfg).validate()
     cfg["adaptor"].update(ctc_compress=True, ctc_readout="tokens")
-    with pytest.raises(ConditumeError, match="ctc_readout must be one of"):
+    with pytest.raises(CondituneError, match="ctc_readout must be one of"):
         SpeechLLMConfig.from_dict(cfg).validate()

@@ -14,6 +14,7 @@ from conditune.cli import main
 from conditune.scanning.records import TensorRecord, write_records
 from conditune.theory import (
     as_matrix,
+    checks,
     estimate_entropy,
     estimate_output_entropy,
     kappa_random,
@@ -21,7 +22,6 @@ from conditune.theory import (
     matrix_with_spectrum,
     unit_report,
 )
-from conditune.theory import checks
 from conditune.theory.quantities import LOG2_2PI_E
 from conditune.theory.scan_analysis import (
     FAIL,
@@ -220,9 +220,19 @@ def test_entropy_check_fails_when_the_formula_is_wrong(monkeypatch):
 def record_from_matrix(name: str, w: np.ndarray) -> TensorRecord:
     r = unit_report(w)
     return TensorRecord(
-        name=name, shape=r.shape, dtype="float32", numel=w.size, sigma_max=r.sigma_max, sigma_min=r.sigma_min,
-        kappa=r.kappa, log2_volume=r.log2_volume, frobenius=r.frobenius, rank=r.rank, entropy_bits=r.entropy_bits,
-        kappa_mp=r.kappa_mp, kappa_norm=r.kappa_norm,
+        name=name,
+        shape=r.shape,
+        dtype="float32",
+        numel=w.size,
+        sigma_max=r.sigma_max,
+        sigma_min=r.sigma_min,
+        kappa=r.kappa,
+        log2_volume=r.log2_volume,
+        frobenius=r.frobenius,
+        rank=r.rank,
+        entropy_bits=r.entropy_bits,
+        kappa_mp=r.kappa_mp,
+        kappa_norm=r.kappa_norm,
     )
 
 
@@ -230,7 +240,9 @@ def tiny_scan() -> list[TensorRecord]:
     rng = np.random.default_rng(10)
     kinds = {"self_attn.q_proj": (32, 32), "self_attn.k_proj": (8, 32), "mlp.up_proj": (64, 32)}
     return [
-        record_from_matrix(f"model.layers.{layer}.{kind}.weight", rng.standard_normal(shape) * rng.uniform(0.2, 2, shape[1]))
+        record_from_matrix(
+            f"model.layers.{layer}.{kind}.weight", rng.standard_normal(shape) * rng.uniform(0.2, 2, shape[1])
+        )
         for layer in range(2)
         for kind, shape in kinds.items()
     ]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+
 import pytest
 import torch
 
-from speech_helpers import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, write_wav, tone
-
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.training.config import TrainConfig, load_train_config, parse_overrides
 from conditune.training.trainer import train
+from speech_helpers import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone, write_wav
 
 torch.set_num_threads(1)
 
@@ -22,7 +22,14 @@ def assets(tmp_path_factory):
     whisper = make_tiny_whisper(root / "whisper")
     llm = make_tiny_llm(root / "llm")
     manifest, paths = make_corpus(root / "data")
-    return {"root": root, "whisper": whisper, "llm": llm, "manifest": manifest, "paths": paths, "cache": root / "features"}
+    return {
+        "root": root,
+        "whisper": whisper,
+        "llm": llm,
+        "manifest": manifest,
+        "paths": paths,
+        "cache": root / "features",
+    }
 
 
 def _config(assets, out, mode="all", model_extra=None, **train):
@@ -30,8 +37,16 @@ def _config(assets, out, mode="all", model_extra=None, **train):
     return {
         "model": model,
         "data": {"train": str(assets["manifest"]), "max_batch": 2, "feature_cache": str(assets["cache"])},
-        "train": {"output_dir": str(out), "lr": 3e-3, "warmup_steps": 5, "log_every": 1, "progress": False,
-                  "tensorboard": False, "max_new_tokens": 10, **train},
+        "train": {
+            "output_dir": str(out),
+            "lr": 3e-3,
+            "warmup_steps": 5,
+            "log_every": 1,
+            "progress": False,
+            "tensorboard": False,
+            "max_new_tokens": 10,
+            **train,
+        },
     }
 
 
@@ -47,13 +62,13 @@ def test_overrides_and_coercion(tmp_path, assets):
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.model.adaptor.depth == 1 and cfg.data.dev is None and cfg.train.schedule == "linear"
     assert parse_overrides(["train.max_steps=7"]) == {"train.max_steps": 7}
-    with pytest.raises(ConditumeError, match="unknown key"):
+    with pytest.raises(CondituneError, match="unknown key"):
         load_train_config(path, ["train.learning_rate=1"])
-    with pytest.raises(ConditumeError, match="number"):
+    with pytest.raises(CondituneError, match="number"):
         load_train_config(path, ["train.lr=fast"])
-    with pytest.raises(ConditumeError, match="section.key=value"):
+    with pytest.raises(CondituneError, match="section.key=value"):
         load_train_config(path, ["train.lr"])
-    with pytest.raises(ConditumeError, match="align_steps"):
+    with pytest.raises(CondituneError, match="align_steps"):
         load_train_config(path, ["train.align_steps=-1"])
     assert TrainConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
 
@@ -99,9 +114,14 @@ def test_resume_reproduces_uninterrupted_losses(assets, tmp_path):
         assert resumed.losses[step] == pytest.approx(reference.losses[step], rel=1e-6, abs=1e-7), step
     for step in range(1, 6):
         assert first.losses[step] == pytest.approx(reference.losses[step], rel=1e-6, abs=1e-7)
+
     # the metrics log of the resumed run reads like the uninterrupted one
     def losses(path):
-        return [(r["step"], round(r["loss"], 6)) for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+        return [
+            (r["step"], round(r["loss"], 6))
+            for r in map(json.loads, path.read_text().splitlines())
+            if r["kind"] == "train"
+        ]
 
     assert losses(tmp_path / "killed" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
     state = json.loads((tmp_path / "killed" / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
@@ -134,10 +154,12 @@ def test_bad_audio_is_skipped_and_counted(assets, tmp_path):
     data.mkdir()
     (data / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
     good = write_wav(data / "good.wav", tone(0.7, 330, 9))
-    rows = [{"id": "good", "audio": str(good), "text": "open the door"},
-            {"id": "broken", "audio": str(data / "broken.wav"), "text": "yes please"},
-            {"id": "missing", "audio": str(data / "nope.wav"), "text": "yes"},
-            {"id": "notext", "audio": str(good)}]
+    rows = [
+        {"id": "good", "audio": str(good), "text": "open the door"},
+        {"id": "broken", "audio": str(data / "broken.wav"), "text": "yes please"},
+        {"id": "missing", "audio": str(data / "nope.wav"), "text": "yes"},
+        {"id": "notext", "audio": str(good)},
+    ]
     manifest = data / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _config(assets, tmp_path / "out", max_steps=2)
@@ -147,7 +169,7 @@ def test_bad_audio_is_skipped_and_counted(assets, tmp_path):
     assert result.skipped["train_bad_audio"] == 1 and result.skipped["train_rows"] == 2
     cfg["data"]["strict"] = True
     cfg["train"]["output_dir"] = str(tmp_path / "strict")
-    with pytest.raises(ConditumeError, match="m.jsonl:3"):  # the missing file, found by the manifest reader
+    with pytest.raises(CondituneError, match="m.jsonl:3"):  # the missing file, found by the manifest reader
         train(cfg)
     only_audio = data / "audio_only.jsonl"
     only_audio.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
@@ -160,14 +182,14 @@ def test_bad_audio_is_skipped_and_counted(assets, tmp_path):
     cfg["data"]["strict"] = False
     cfg["train"]["output_dir"] = str(tmp_path / "none")
     manifest.write_text(json.dumps(rows[1]) + "\n")
-    with pytest.raises(ConditumeError, match="no usable"):
+    with pytest.raises(CondituneError, match="no usable"):
         train(cfg)
 
 
 def test_refuses_to_mix_runs_in_one_output_dir(assets, tmp_path):
     cfg = _config(assets, tmp_path / "run", max_steps=1)
     train(cfg)
-    with pytest.raises(ConditumeError, match="already holds a training run"):
+    with pytest.raises(CondituneError, match="already holds a training run"):
         train(cfg)
     cfg["train"]["overwrite"] = True
     cfg["train"]["max_steps"] = 2
@@ -188,8 +210,17 @@ def test_alignment_stage_trains_only_the_adaptor_then_the_llm(assets, tmp_path):
     from conditune.speech.modeling import SpeechLLM
 
     names = ["model.layers.0.mlp.up_proj.weight"]
-    cfg = _config(assets, tmp_path / "align", mode="names", model_extra={"names": names}, max_steps=2, align_steps=30,
-                  align_lr=1e-2, warmup_steps=0, log_every=1)
+    cfg = _config(
+        assets,
+        tmp_path / "align",
+        mode="names",
+        model_extra={"names": names},
+        max_steps=2,
+        align_steps=30,
+        align_lr=1e-2,
+        warmup_steps=0,
+        log_every=1,
+    )
     base = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg["model"]), for_training=False)
     before = base.llm.state_dict()[names[0]].clone()
     stopped = train(cfg, stop_after_steps=30)  # the whole alignment stage, nothing of the main one
@@ -203,14 +234,17 @@ def test_alignment_stage_trains_only_the_adaptor_then_the_llm(assets, tmp_path):
     trained = SpeechLLM.from_pretrained(full.final_dir)
     assert not torch.equal(trained.llm.state_dict()[names[0]], before)  # the main steps do train the LLM
     main = [json.loads(x) for x in (tmp_path / "align" / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
-    assert [r["phase"] for r in main][-2:] == ["main", "main"] and main[-2]["lr"] == pytest.approx(1.5e-3)  # lr after step 31: half-way down the 2-step cosine from 3e-3
+    assert [r["phase"] for r in main][-2:] == ["main", "main"] and main[-2]["lr"] == pytest.approx(
+        1.5e-3
+    )  # lr after step 31: half-way down the 2-step cosine from 3e-3
 
 
 def test_alignment_steps_leave_the_llm_untouched(assets, tmp_path):
     from conditune.speech.modeling import SpeechLLM, load_llm
 
-    cfg = _config(assets, tmp_path / "ckpt", mode="all", max_steps=1, align_steps=3, lr=1e-2, save_every=3,
-                  warmup_steps=0)
+    cfg = _config(
+        assets, tmp_path / "ckpt", mode="all", max_steps=1, align_steps=3, lr=1e-2, save_every=3, warmup_steps=0
+    )
     train(cfg)
     base = load_llm(SpeechLLM.from_pretrained(tmp_path / "ckpt" / "final").config.llm).state_dict()
     aligned = SpeechLLM.from_pretrained(tmp_path / "ckpt" / "checkpoints" / "step-00000003").llm.state_dict()
@@ -259,7 +293,7 @@ def test_ctc_vocabulary_restriction_gives_the_same_loss(assets):
     model.set_ctc_vocabulary([t for seq in tokens for t in seq])
     restricted = model.ctc_loss(audio, lengths, tokens)
     assert torch.isfinite(full) and torch.isfinite(restricted) and float(restricted) < float(full)
-    with pytest.raises(ConditumeError, match="CTC vocabulary"):
+    with pytest.raises(CondituneError, match="CTC vocabulary"):
         model.ctc_loss(audio, lengths, [[11]])
 
 
@@ -285,21 +319,44 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(assets, tmp_path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          "--master_addr=127.0.0.1", "-m", "conditune", "train", str(config("ddp", 1))],
-                         env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "--master_addr=127.0.0.1",
+            "-m",
+            "conditune",
+            "train",
+            str(config("ddp", 1)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "conditune", "train", str(config("single", 2))],
-                         env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "conditune", "train", str(config("single", 2))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
 
     def log(name):
         return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     ddp, single = log("ddp"), log("single")
-    assert [r["data_sha"] for r in ddp if r["kind"] == "train"] == [r["data_sha"] for r in single if r["kind"] == "train"]
+    assert [r["data_sha"] for r in ddp if r["kind"] == "train"] == [
+        r["data_sha"] for r in single if r["kind"] == "train"
+    ]
     assert [r["loss"] for r in ddp if r["kind"] == "train"] == pytest.approx(
-        [r["loss"] for r in single if r["kind"] == "train"], rel=1e-4)
+        [r["loss"] for r in single if r["kind"] == "train"], rel=1e-4
+    )
     a = load_file(str(tmp_path / "ddp" / "final" / "adaptor.safetensors"))
     b = load_file(str(tmp_path / "single" / "final" / "adaptor.safetensors"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
@@ -337,8 +394,15 @@ def test_cli_train_transcribe_evaluate(assets, tmp_path, capsys):
 
 def test_bf16_autocast_and_lora_train(assets, tmp_path):
     # bf16 mixed precision (CPU autocast here, GPU in real runs) and LoRA, in the same process as fp32 runs
-    cfg = _config(assets, tmp_path / "bf16", mode="lora", model_extra={"lora": {"r": 2, "alpha": 4}},
-                  max_steps=3, mixed_precision="bf16", llm_lr=1e-3)
+    cfg = _config(
+        assets,
+        tmp_path / "bf16",
+        mode="lora",
+        model_extra={"lora": {"r": 2, "alpha": 4}},
+        max_steps=3,
+        mixed_precision="bf16",
+        llm_lr=1e-3,
+    )
     result = train(cfg)
     assert result.step == 3 and all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
     record = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
@@ -383,7 +447,11 @@ def test_sigkilled_run_resumes_to_the_same_losses(assets, tmp_path):
     subprocess.run([*cmd, str(killed), "--resume"], env=env, check=True, capture_output=True)
 
     def losses(path):
-        return [(r["step"], round(r["loss"], 5)) for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+        return [
+            (r["step"], round(r["loss"], 5))
+            for r in map(json.loads, path.read_text().splitlines())
+            if r["kind"] == "train"
+        ]
 
     assert losses(tmp_path / "killed" / "metrics.jsonl") == losses(tmp_path / "full" / "metrics.jsonl")
     assert len(losses(tmp_path / "full" / "metrics.jsonl")) == 300
@@ -401,10 +469,20 @@ def test_real_whisper_base_and_smollm2(tmp_path):
     manifest, paths = make_corpus(tmp_path / "data", texts=["hello world", "good morning"])
     names = ["model.layers.10.self_attn.v_proj.weight", "model.layers.4.self_attn.v_proj.weight"]
     cfg = {
-        "model": {"encoder": {"backend": "ct2", "path": "demo:whisper-base", "threads": 1}, "llm": {"path": "demo:smollm2"},
-                  "adaptor": {"heads": 9}, "trainable": {"mode": "names", "names": names}},
+        "model": {
+            "encoder": {"backend": "ct2", "path": "demo:whisper-base", "threads": 1},
+            "llm": {"path": "demo:smollm2"},
+            "adaptor": {"heads": 9},
+            "trainable": {"mode": "names", "names": names},
+        },
         "data": {"train": str(manifest), "max_batch": 2, "feature_cache": str(tmp_path / "features")},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "progress": False, "tensorboard": False, "log_every": 1},
+        "train": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 2,
+            "progress": False,
+            "tensorboard": False,
+            "log_every": 1,
+        },
     }
     result = train(cfg)
     assert result.step == 2 and all(math.isfinite(v) for v in result.losses.values())
@@ -420,7 +498,9 @@ def test_balanced_dev_subset_scores_every_language():
 
     from conditune.training.trainer import balanced_subset
 
-    utts = [SimpleNamespace(language="en", i=i) for i in range(5)] + [SimpleNamespace(language="de", i=i) for i in range(2)]
+    utts = [SimpleNamespace(language="en", i=i) for i in range(5)] + [
+        SimpleNamespace(language="de", i=i) for i in range(2)
+    ]
     picked = balanced_subset(utts, 4)
     assert [(u.language, u.i) for u in picked] == [("en", 0), ("en", 1), ("de", 0), ("de", 1)]
     assert [(u.language, u.i) for u in balanced_subset(utts, 3)] == [("en", 0), ("en", 1), ("de", 0)]
@@ -433,7 +513,7 @@ def test_ctc_compressed_training_runs_and_needs_a_ctc_head(assets, tmp_path, rea
 
     cfg = _config(assets, tmp_path / "cc", mode="none", max_steps=2, warmup_steps=0)
     cfg["model"]["adaptor"].update(ctc_compress=True, ctc_readout=readout)
-    with pytest.raises(ConditumeError, match="ctc_compress needs a trained CTC head"):
+    with pytest.raises(CondituneError, match="ctc_compress needs a trained CTC head"):
         train(cfg)
     cfg["train"].update(align_steps=2, ctc_weight=0.5)
     result = train(cfg)
@@ -442,4 +522,6 @@ def test_ctc_compressed_training_runs_and_needs_a_ctc_head(assets, tmp_path, rea
     assert model.adaptor.ctc_vocabulary.numel() > 0  # the transcripts' tokens, saved with the adaptor
     assert model.config.adaptor.ctc_readout == readout
     paths = [str(p) for p in assets["paths"][:2]]
-    assert model.transcribe(paths, max_new_tokens=4) == SpeechLLM.from_pretrained(result.final_dir).transcribe(paths, max_new_tokens=4)
+    assert model.transcribe(paths, max_new_tokens=4) == SpeechLLM.from_pretrained(result.final_dir).transcribe(
+        paths, max_new_tokens=4
+    )

@@ -29,13 +29,17 @@ _EXPORTS = {
     "merge_delta": "conditune.selection",
     "SpeechLLM": "conditune.speech",
     "SpeechLLMConfig": "conditune.speech",
-    "ConditumeError": "conditune.errors",
+    "CondituneError": "conditune.errors",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    if name == "ConditumeError":  # the first, misspelt name: deprecated
+        from conditune import errors
+
+        return errors.ConditumeError
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'conditune' has no attribute {name!r}")

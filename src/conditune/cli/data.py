@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 
 def _parse_texts(values: list[str] | None) -> dict[str, list[Path]]:
@@ -14,7 +14,7 @@ def _parse_texts(values: list[str] | None) -> dict[str, list[Path]]:
     for value in values or []:
         lang, sep, path = value.partition("=")
         if not sep or not lang.strip() or not path.strip():
-            raise ConditumeError(f"--text expects LANG=PATH, got '{value}'")
+            raise CondituneError(f"--text expects LANG=PATH, got '{value}'")
         texts.setdefault(lang.strip(), []).append(Path(path.strip()).expanduser())
     return texts
 
@@ -33,32 +33,50 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed for the text split and the voices."),
         jobs: int = typer.Option(1, help="Utterances synthesised in parallel."),
         text: list[str] = typer.Option(None, "--text", help="LANG=PATH text file instead of fortunes (repeatable)."),
-        engines: str = typer.Option("auto", help="auto (espeak-ng + flite if installed) or a list: espeak-ng,flite,festival."),
+        engines: str = typer.Option(
+            "auto", help="auto (espeak-ng + flite if installed) or a list: espeak-ng,flite,festival."
+        ),
         min_words: int = typer.Option(4, help="Shortest sentence in words."),
         max_words: int = typer.Option(20, help="Longest sentence in words."),
-        vocab_size: int = typer.Option(None, help="Speak only sentences made of the N most frequent words "
-                                                  "(a limited-vocabulary set a small CPU budget can learn)."),
+        vocab_size: int = typer.Option(
+            None,
+            help="Speak only sentences made of the N most frequent words "
+            "(a limited-vocabulary set a small CPU budget can learn).",
+        ),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Synthesise train/dev/test speech from fortunes (or --text) with espeak-ng/flite; resumable."""
         from conditune.data.synth import SynthConfig, synthesize_dataset
 
-        engine_list = None if engines.strip() in ("", "auto") else tuple(e.strip() for e in engines.split(",") if e.strip())
+        engine_list = (
+            None if engines.strip() in ("", "auto") else tuple(e.strip() for e in engines.split(",") if e.strip())
+        )
         config = SynthConfig(
             output=output,
             languages=tuple(lang.strip() for lang in languages.split(",") if lang.strip()),
-            count_train=count_train, count_dev=count_dev, count_test=count_test,
-            heldout_count=heldout_count, seed=seed, jobs=jobs, texts=_parse_texts(text),
-            engines=engine_list, min_words=min_words, max_words=max_words, vocab_size=vocab_size,
+            count_train=count_train,
+            count_dev=count_dev,
+            count_test=count_test,
+            heldout_count=heldout_count,
+            seed=seed,
+            jobs=jobs,
+            texts=_parse_texts(text),
+            engines=engine_list,
+            min_words=min_words,
+            max_words=max_words,
+            vocab_size=vocab_size,
         )
         result = synthesize_dataset(config, progress=progress, log=lambda msg: typer.echo(msg, err=True))
-        typer.echo(f"engines: {', '.join(result.engines)}; synthesised {result.synthesized}, reused {result.reused}, "
-                   f"failed {len(result.failed)}", err=True)
+        typer.echo(
+            f"engines: {', '.join(result.engines)}; synthesised {result.synthesized}, reused {result.reused}, "
+            f"failed {len(result.failed)}",
+            err=True,
+        )
         for split, path in result.manifests.items():
             n = sum(counts[split] for counts in result.counts.values())
             typer.echo(f"{split}\t{n}\t{path}")
         for lang, path in result.heldout.items():
-            typer.echo(f"heldout.{lang}\t{sum(1 for _ in open(path, encoding='utf-8'))}\t{path}")
+            typer.echo(f"heldout.{lang}\t{len(path.read_text(encoding='utf-8').splitlines())}\t{path}")
 
     @group.command("check")
     def check_cmd(

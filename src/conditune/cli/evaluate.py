@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 
 def register(app: typer.Typer) -> None:
@@ -39,17 +39,29 @@ def register(app: typer.Typer) -> None:
         cache = FeatureCache(model.encoder, feature_cache, memory=True)
         examples, skipped = prepare_examples(utts, model, cache, strict=strict, batch_size=16, max_text_tokens=None)
         if not examples:
-            raise ConditumeError(f"{manifest}: no usable utterances")
-        res = evaluate_examples(model, examples, cache, batch_size=batch_size, num_beams=beams, max_new_tokens=max_new_tokens)
+            raise CondituneError(f"{manifest}: no usable utterances")
+        res = evaluate_examples(
+            model, examples, cache, batch_size=batch_size, num_beams=beams, max_new_tokens=max_new_tokens
+        )
         wer = res["wer"]
-        report = {"checkpoint": str(checkpoint), "manifest": str(manifest), "utterances": len(examples),
-                  "skipped": {"rows": bad_rows, **skipped}, "wer": {k: v for k, v in wer.items() if k != "counts"},
-                  "counts": wer.get("counts", {})}
+        report = {
+            "checkpoint": str(checkpoint),
+            "manifest": str(manifest),
+            "utterances": len(examples),
+            "skipped": {"rows": bad_rows, **skipped},
+            "wer": {k: v for k, v in wer.items() if k != "counts"},
+            "counts": wer.get("counts", {}),
+        }
         report = json.loads(json.dumps(report, default=float).replace("NaN", "null"))
         if predictions:
-            atomic_write_text(predictions, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in res["predictions"]))
+            atomic_write_text(
+                predictions, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in res["predictions"])
+            )
         if output:
             atomic_write_json(output, report)
-        line = ", ".join(f"{k} {v:.2f}%" if isinstance(v, float) and not math.isnan(v) else f"{k} n/a"
-                         for k, v in wer.items() if k != "counts")
+        line = ", ".join(
+            f"{k} {v:.2f}%" if isinstance(v, float) and not math.isnan(v) else f"{k} n/a"
+            for k, v in wer.items()
+            if k != "counts"
+        )
         typer.echo(f"WER: {line} ({len(examples)} utterances, skipped {bad_rows + sum(skipped.values())})")

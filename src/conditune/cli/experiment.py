@@ -12,8 +12,12 @@ def register(app: typer.Typer) -> None:
     def experiment_cmd(
         config: Path = typer.Argument(..., help="Experiment config (YAML: experiment/model/data/train sections)."),
         overrides: list[str] = typer.Argument(None, help="Overrides as section.key=value, e.g. experiment.seeds=[0]."),
-        output: Path = typer.Option(..., "--output", "-o", help="Experiment folder (re-run it to resume: finished runs are skipped)."),
-        report_only: bool = typer.Option(False, "--report-only", help="Only rebuild results.csv, summary.md and plots."),
+        output: Path = typer.Option(
+            ..., "--output", "-o", help="Experiment folder (re-run it to resume: finished runs are skipped)."
+        ),
+        report_only: bool = typer.Option(
+            False, "--report-only", help="Only rebuild results.csv, summary.md and plots."
+        ),
     ) -> None:
         """Train several arms (lowest/highest κ, random, LoRA matched, full, ...) on identical data over seeds."""
         import json
@@ -22,7 +26,17 @@ def register(app: typer.Typer) -> None:
         from conditune.experiment import run_experiment
 
         _quiet_transformers()
-        result = run_experiment(config, output, overrides or [], log=lambda m: typer.echo(m, err=True), report_only=report_only)
-        typer.echo(json.dumps({"ran": [f"{a}/seed{s}" for a, s in result["ran"]],
-                               "skipped": [f"{a}/seed{s}" for a, s in result["skipped"]],
-                               "summary": result["summary"], "results": result["results"], "plots": result["plots"]}))
+        result = run_experiment(
+            config, output, overrides or [], log=lambda m: typer.echo(m, err=True), report_only=report_only
+        )
+        typer.echo(
+            json.dumps(
+                {
+                    "ran": [f"{a}/seed{s}" for a, s in result["ran"]],
+                    "skipped": [f"{a}/seed{s}" for a, s in result["skipped"]],
+                    "summary": result["summary"],
+                    "results": result["results"],
+                    "plots": result["plots"],
+                }
+            )
+        )

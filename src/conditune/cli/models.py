@@ -12,7 +12,9 @@ def register(app: typer.Typer) -> None:
 
     @group.command("fetch")
     def fetch_cmd(
-        names: list[str] = typer.Argument(None, help=f"Models to install (default: all of {', '.join(models.DEMO_MODELS)})."),
+        names: list[str] = typer.Argument(
+            None, help=f"Models to install (default: all of {', '.join(models.DEMO_MODELS)})."
+        ),
         force: bool = typer.Option(False, help="Download again even if cached."),
     ) -> None:
         """Download, checksum and install demo models into $CONDITUNE_HOME/models."""

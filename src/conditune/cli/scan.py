@@ -6,30 +6,35 @@ import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 
 def register(app: typer.Typer) -> None:
     @app.command("scan")
     def scan_cmd(
-        source: str = typer.Argument(..., help="Model folder, .safetensors, .gguf, .bin/.pt file, demo:<name>, or a hub id (online)."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write records to .csv, .json or .parquet."),
-        spectrum: str = typer.Option("fast", help="fast: extremes and log-volume; full: every singular value (saved beside the output)."),
+        source: str = typer.Argument(
+            ..., help="Model folder, .safetensors, .gguf, .bin/.pt file, demo:<name>, or a hub id (online)."
+        ),
+        output: Path | None = typer.Option(None, "--output", "-o", help="Write records to .csv, .json or .parquet."),
+        spectrum: str = typer.Option(
+            "fast", help="fast: extremes and log-volume; full: every singular value (saved beside the output)."
+        ),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
-        cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse and extend the resumable cache of this checkpoint."),
-        include: Optional[str] = typer.Option(None, help="Only tensors whose name matches this regular expression."),
-        plot: Optional[Path] = typer.Option(None, help="Draw the κ heatmap and histogram to this PNG."),
+        cache: bool = typer.Option(
+            True, "--cache/--no-cache", help="Reuse and extend the resumable cache of this checkpoint."
+        ),
+        include: str | None = typer.Option(None, help="Only tensors whose name matches this regular expression."),
+        plot: Path | None = typer.Option(None, help="Draw the κ heatmap and histogram to this PNG."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
     ) -> None:
         """Scan every weight matrix: κ = σ_max/σ_min, log-volume, entropy, shape-normalised κ."""
         from conditune.scanning import scan_source, write_records
 
         if output is not None and output.suffix.lower() not in {".csv", ".json", ".parquet"}:
-            raise ConditumeError(f"{output}: unknown output format {output.suffix!r} (use .csv, .json or .parquet)")
+            raise CondituneError(f"{output}: unknown output format {output.suffix!r} (use .csv, .json or .parquet)")
         pattern = _compile(include)
         records, meta = scan_source(
             source,
@@ -59,7 +64,7 @@ def _compile(pattern: str | None):
     try:
         return re.compile(pattern)
     except re.error as exc:
-        raise ConditumeError(f"--include {pattern!r}: bad regular expression ({exc})") from None
+        raise CondituneError(f"--include {pattern!r}: bad regular expression ({exc})") from None
 
 
 def _is_main_process() -> bool:
@@ -74,7 +79,11 @@ def _write_spectra(records, path: Path) -> None:
 
     from conditune.io import atomic_write
 
-    tensors = {r.name: torch.tensor(r.extra["singular_values"], dtype=torch.float64) for r in records if "singular_values" in r.extra}
+    tensors = {
+        r.name: torch.tensor(r.extra["singular_values"], dtype=torch.float64)
+        for r in records
+        if "singular_values" in r.extra
+    }
     with atomic_write(path, "wb") as handle:
         handle.write(save(tensors, metadata={"content": "singular values, descending, float64"}))
 
@@ -97,8 +106,13 @@ def print_summary(records, meta: dict, output: Path | None) -> None:
             continue  # 1-D norms and biases: counted below, not worth a row each
         kappas = [r.kappa for r in ok]
         table.add_row(
-            kind, str(len(group)), str(len(ok)), str(sum(r.status == "flagged" for r in group)),
-            _fmt(_median(kappas)), _fmt(min(kappas, default=None)), _fmt(max(kappas, default=None)),
+            kind,
+            str(len(group)),
+            str(len(ok)),
+            str(sum(r.status == "flagged" for r in group)),
+            _fmt(_median(kappas)),
+            _fmt(min(kappas, default=None)),
+            _fmt(max(kappas, default=None)),
             _fmt(_median([r.kappa_norm for r in ok])),
         )
     console = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 120)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 _SCAN_SUFFIXES = (".csv", ".json", ".parquet")
 
@@ -15,30 +15,47 @@ _SCAN_SUFFIXES = (".csv", ".json", ".parquet")
 def register(app: typer.Typer) -> None:
     @app.command("select")
     def select_cmd(
-        scan_file_or_source: str = typer.Argument(..., metavar="SCAN_FILE_OR_SOURCE",
-                                                  help="A scan file (.csv/.json/.parquet) or a checkpoint to scan first."),
+        scan_file_or_source: str = typer.Argument(
+            ..., metavar="SCAN_FILE_OR_SOURCE", help="A scan file (.csv/.json/.parquet) or a checkpoint to scan first."
+        ),
         policy: str = typer.Option("lowest", "--policy", "-p", help="lowest | highest | random | threshold."),
-        count: Optional[int] = typer.Option(None, "--count", "-n", help="Number of tensors (default 100)."),
-        budget: Optional[float] = typer.Option(None, "--budget", help="Fraction of all model parameters, e.g. 0.05."),
-        params: Optional[str] = typer.Option(None, "--params", help="Parameter budget, e.g. 20M (K/M/B suffixes)."),
-        threshold: Optional[float] = typer.Option(None, "--threshold", help="Policy threshold: score <= T."),
+        count: int | None = typer.Option(None, "--count", "-n", help="Number of tensors (default 100)."),
+        budget: float | None = typer.Option(None, "--budget", help="Fraction of all model parameters, e.g. 0.05."),
+        params: str | None = typer.Option(None, "--params", help="Parameter budget, e.g. 20M (K/M/B suffixes)."),
+        threshold: float | None = typer.Option(None, "--threshold", help="Policy threshold: score <= T."),
         score: str = typer.Option("kappa", "--score", help="kappa | kappa_norm | log2_volume."),
         per_kind: bool = typer.Option(False, "--per-kind", help="Take the same share of every tensor kind."),
-        include: Optional[list[str]] = typer.Option(None, "--include", help="Only names matching this regex (repeatable)."),
-        exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="Drop names matching this regex (repeatable)."),
+        include: list[str] | None = typer.Option(
+            None, "--include", help="Only names matching this regex (repeatable)."
+        ),
+        exclude: list[str] | None = typer.Option(
+            None, "--exclude", help="Drop names matching this regex (repeatable)."
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed of the random policy."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: names to stdout)."),
-        fmt: Optional[str] = typer.Option(None, "--format", "-f",
-                                          help="names | json | axolotl | peft (default from the extension)."),
+        output: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: names to stdout)."),
+        fmt: str | None = typer.Option(
+            None, "--format", "-f", help="names | json | axolotl | peft (default from the extension)."
+        ),
     ) -> None:
         """Select the tensors to fine-tune (lowest condition number first, by default)."""
         from conditune.selection import format_for, render, select, write_selection
 
         fmt = format_for(output, fmt)  # check before a possibly long scan
         records, meta = _load_records(scan_file_or_source)
-        selection = select(records, policy, count=count, budget=budget, params=params, threshold=threshold,
-                           score=score, per_kind=per_kind, include=include or [], exclude=exclude or [],
-                           seed=seed, meta=meta)
+        selection = select(
+            records,
+            policy,
+            count=count,
+            budget=budget,
+            params=params,
+            threshold=threshold,
+            score=score,
+            per_kind=per_kind,
+            include=include or [],
+            exclude=exclude or [],
+            seed=seed,
+            meta=meta,
+        )
         if output is None:
             typer.echo(render(selection, fmt), nl=False)
         else:
@@ -54,7 +71,7 @@ def _load_records(source: str) -> tuple[list, dict[str, Any]]:
     try:
         from conditune.scanning import scan_source
     except ImportError as exc:
-        raise ConditumeError(f"{source}: not a scan file, and scanning is not available here ({exc})") from None
+        raise CondituneError(f"{source}: not a scan file, and scanning is not available here ({exc})") from None
     return scan_source(source)
 
 

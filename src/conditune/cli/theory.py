@@ -10,8 +10,12 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("theory")
     def theory_cmd(
-        output: Path = typer.Option(Path("results/theory"), "--output", "-o", help="Directory for theory.md, theory.json and PNGs."),
-        scan: Path = typer.Option(None, "--scan", help="Scan file (.csv/.json/.parquet) of a real model to analyse as well."),
+        output: Path = typer.Option(
+            Path("results/theory"), "--output", "-o", help="Directory for theory.md, theory.json and PNGs."
+        ),
+        scan: Path = typer.Option(
+            None, "--scan", help="Scan file (.csv/.json/.parquet) of a real model to analyse as well."
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed of every random draw (the report is reproducible)."),
     ) -> None:
         """Check eq. 6, scale invariance, Theorem 1 and kappa_mp numerically; exit 2 if a check fails."""

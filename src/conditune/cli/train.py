@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
         _quiet_transformers()
         cfg = load_train_config(config, overrides or [])
         result = train(cfg, resume=resume_from if resume_from else resume, log=lambda m: typer.echo(m, err=True))
-        typer.echo(json.dumps({k: v for k, v in result.to_dict().items() if k != "eval"} | {"eval": _short(result.eval)}))
+        typer.echo(
+            json.dumps({k: v for k, v in result.to_dict().items() if k != "eval"} | {"eval": _short(result.eval)})
+        )
 
 
 def _short(wer):

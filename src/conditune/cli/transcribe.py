@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 
 def resolve_model_dir(path: Path) -> Path:
@@ -16,7 +16,7 @@ def resolve_model_dir(path: Path) -> Path:
     from conditune.training.checkpoint import latest_checkpoint
 
     if not path.exists():
-        raise ConditumeError(f"{path} does not exist")
+        raise CondituneError(f"{path} does not exist")
     if (path / CONFIG_NAME).is_file():
         return path
     if (path / "final" / CONFIG_NAME).is_file():
@@ -24,7 +24,7 @@ def resolve_model_dir(path: Path) -> Path:
     latest = latest_checkpoint(path)
     if latest is not None:
         return latest
-    raise ConditumeError(f"{path}: not a speech model, checkpoint or training output folder")
+    raise CondituneError(f"{path}: not a speech model, checkpoint or training output folder")
 
 
 def _load(checkpoint: Path, device: str | None, llm: str | None = None, encoder: str | None = None):
@@ -60,7 +60,9 @@ def register(app: typer.Typer) -> None:
         from conditune.io import atomic_write_text
 
         model = _load(checkpoint, device, llm, encoder)
-        texts = model.transcribe([str(a) for a in audio], batch_size=batch_size, num_beams=beams, max_new_tokens=max_new_tokens)
+        texts = model.transcribe(
+            [str(a) for a in audio], batch_size=batch_size, num_beams=beams, max_new_tokens=max_new_tokens
+        )
         rows = [{"audio": str(a), "text": t} for a, t in zip(audio, texts)]
         if output:
             atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -18,12 +18,12 @@ from typing import BinaryIO
 
 import numpy as np
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 SAMPLE_RATE = 16000
 
 
-class AudioError(ConditumeError):
+class AudioError(CondituneError):
     """An audio file is missing, unreadable, empty or holds no usable samples."""
 
 
@@ -36,7 +36,7 @@ def _read(source: str | os.PathLike | BinaryIO, name: str) -> tuple[np.ndarray, 
 
     try:
         data, rate = sf.read(source, dtype="float32", always_2d=True)
-    except Exception as exc:  # libsndfile reports format problems as several exception types
+    except Exception as exc:  # noqa: BLE001 - libsndfile reports format problems as several exception types
         raise AudioError(f"cannot decode audio {name}: {_one_line(exc)}") from None
     return data, int(rate)
 
@@ -103,7 +103,7 @@ def audio_duration(path: str | os.PathLike) -> float:
         raise AudioError(f"audio file not found: {path}")
     try:
         info = sf.info(str(path))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         raise AudioError(f"cannot decode audio {path}: {_one_line(exc)}") from None
     return info.frames / info.samplerate if info.samplerate else 0.0
 
@@ -119,7 +119,9 @@ def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMP
     from conditune.io import atomic_write
 
     with atomic_write(path, "wb") as handle:
-        sf.write(handle, np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        sf.write(
+            handle, np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV"
+        )
 
 
 def audio_fingerprint(path: str | os.PathLike) -> str:

@@ -8,7 +8,7 @@ A manifest holds one utterance per line::
 to ``"en"``; ``id`` defaults to ``<manifest stem>-<line number>``. Other keys (durations, voice
 settings) are allowed and ignored. Blank lines are ignored. A line with invalid JSON, a missing
 key, an empty text, a duplicate id or a missing audio file is skipped and reported in
-:attr:`ManifestData.skipped`; with ``strict=True`` it raises :class:`ConditumeError` naming
+:attr:`ManifestData.skipped`; with ``strict=True`` it raises :class:`CondituneError` naming
 ``file:line`` instead.
 """
 
@@ -18,11 +18,12 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,14 @@ def read_manifest(path: str | os.PathLike, strict: bool = False) -> ManifestData
     """Read a JSONL manifest; bad lines are skipped and counted (``strict``: raise on the first)."""
     path = Path(path)
     if not path.is_file():
-        raise ConditumeError(f"manifest not found: {path}")
+        raise CondituneError(f"manifest not found: {path}")
     base = path.absolute().parent
     data = ManifestData(path=path)
     seen: dict[str, int] = {}
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
-        raise ConditumeError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+        raise CondituneError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
     with handle:
         try:
             for line_no, raw in enumerate(handle, start=1):
@@ -107,16 +108,21 @@ def read_manifest(path: str | os.PathLike, strict: bool = False) -> ManifestData
                         raise ValueError(f"duplicate id '{utt.id}' (first on line {seen[utt.id]})")
                 except ValueError as exc:
                     if strict:
-                        raise ConditumeError(f"{path}:{line_no}: {exc}") from None
+                        raise CondituneError(f"{path}:{line_no}: {exc}") from None
                     data.skipped.append((line_no, str(exc)))
                     continue
                 seen[utt.id] = line_no
                 data.utterances.append(utt)
         except UnicodeDecodeError as exc:
-            raise ConditumeError(f"manifest {path} is not UTF-8 text ({exc.reason})") from None
+            raise CondituneError(f"manifest {path} is not UTF-8 text ({exc.reason})") from None
     if data.skipped:
-        log.warning("%s: skipped %d of %d lines (first: line %d: %s)", path, len(data.skipped),
-                    len(data.skipped) + len(data.utterances), *data.skipped[0])
+        log.warning(
+            "%s: skipped %d of %d lines (first: line %d: %s)",
+            path,
+            len(data.skipped),
+            len(data.skipped) + len(data.utterances),
+            *data.skipped[0],
+        )
     return data
 
 
@@ -167,9 +173,9 @@ def _slug(text: str) -> str:
 
 def _import_datasets():
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
-        raise ConditumeError(
+        raise CondituneError(
             "the 'datasets' package is not installed: pip install datasets "
             "(or convert the data to a JSONL manifest, see docs/data.md)"
         ) from None
@@ -274,18 +280,18 @@ def load_hf_dataset(
             ds = datasets.load_from_disk(str(source))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise ConditumeError(f"dataset {name_or_path} has no split '{split}' (has: {', '.join(ds)})")
+                    raise CondituneError(f"dataset {name_or_path} has no split '{split}' (has: {', '.join(ds)})")
                 ds = ds[split]
         else:
             ds = datasets.load_dataset(str(source) if source.exists() else name_or_path, config_name, split=split)
-    except ConditumeError:
+    except CondituneError:
         raise
-    except Exception as exc:
-        raise ConditumeError(f"cannot load dataset {name_or_path} split {split}: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CondituneError(f"cannot load dataset {name_or_path} split {split}: {_one_line(exc)}") from None
     columns = list(ds.column_names)
     for column in (audio_column, text_column) + ((language_column,) if language_column else ()):
         if column not in columns:
-            raise ConditumeError(f"dataset {name_or_path} has no column '{column}' (has: {', '.join(columns)})")
+            raise CondituneError(f"dataset {name_or_path} has no column '{column}' (has: {', '.join(columns)})")
     feature = ds.features.get(audio_column)
     if isinstance(feature, datasets.Audio):
         ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
@@ -295,13 +301,20 @@ def load_hf_dataset(
         cache_dir = conditune_home() / "datasets" / _slug(str(name_or_path)) / _slug(split)
     cache_dir = Path(cache_dir)
     utterances, skipped = utterances_from_rows(
-        ds, cache_dir / "audio", audio_column=audio_column, text_column=text_column, language=language,
-        language_column=language_column, id_column=id_column, prefix=_slug(split), limit=limit,
+        ds,
+        cache_dir / "audio",
+        audio_column=audio_column,
+        text_column=text_column,
+        language=language,
+        language_column=language_column,
+        id_column=id_column,
+        prefix=_slug(split),
+        limit=limit,
     )
     if skipped:
         log.warning("%s[%s]: skipped %d rows (first: row %d: %s)", name_or_path, split, len(skipped), *skipped[0])
     if not utterances:
-        raise ConditumeError(f"dataset {name_or_path} split {split} gave no usable utterances")
+        raise CondituneError(f"dataset {name_or_path} split {split} gave no usable utterances")
     write_manifest(cache_dir / "manifest.jsonl", utterances)
     return utterances
 

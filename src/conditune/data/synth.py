@@ -45,14 +45,15 @@ import tempfile
 import threading
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "dev", "test")
@@ -83,9 +84,46 @@ _LETTERS = {
 }
 _PUNCT = " ,.;:!?'-"
 _ABBREVIATIONS = {
-    "mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "e.g", "i.e", "no", "mt", "gen", "col",
-    "lt", "sgt", "capt", "rev", "hr", "fr", "frl", "nr", "z.b", "bzw", "usw", "ca", "vgl", "d.h", "u.a",
-    "evtl", "ggf", "dt", "bspw", "inkl", "sog", "str", "jh", "ev",
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "st",
+    "jr",
+    "sr",
+    "prof",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "no",
+    "mt",
+    "gen",
+    "col",
+    "lt",
+    "sgt",
+    "capt",
+    "rev",
+    "hr",
+    "fr",
+    "frl",
+    "nr",
+    "z.b",
+    "bzw",
+    "usw",
+    "ca",
+    "vgl",
+    "d.h",
+    "u.a",
+    "evtl",
+    "ggf",
+    "dt",
+    "bspw",
+    "inkl",
+    "sog",
+    "str",
+    "jh",
+    "ev",
 }
 
 
@@ -95,11 +133,24 @@ _ABBREVIATIONS = {
 
 _OVERSTRIKE = re.compile(r".\x08")
 _ATTRIBUTION = re.compile(r"^\s*(--|\u2014|\u2015|\u2013)\s*\S")
-_TYPOGRAPHY = str.maketrans({
-    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u00b4": "'", "`": "'",
-    "\u201c": " ", "\u201d": " ", "\u201e": " ", "\u00ab": " ", "\u00bb": " ", '"': " ",
-    "\u00a0": " ", "\u2026": "...",
-})
+_TYPOGRAPHY = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201a": "'",
+        "\u201b": "'",
+        "\u00b4": "'",
+        "`": "'",
+        "\u201c": " ",
+        "\u201d": " ",
+        "\u201e": " ",
+        "\u00ab": " ",
+        "\u00bb": " ",
+        '"': " ",
+        "\u00a0": " ",
+        "\u2026": "...",
+    }
+)
 _QUOTE_MARKS = re.compile(r"(^|\s)'+|'+(?=\s|$|[,.;:!?])")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
 _NOT_LETTER = re.compile(r"[\W\d_]+")
@@ -196,8 +247,13 @@ def extract_sentences(
 ) -> list[str]:
     """Accepted, deduplicated sentences from text files, sorted (independent of file order)."""
     paths = [Path(p) for p in paths]
-    key = (tuple((str(p.absolute()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths),
-           language, min_words, max_words, max_chars)
+    key = (
+        tuple((str(p.absolute()), p.stat().st_mtime_ns, p.stat().st_size) for p in paths),
+        language,
+        min_words,
+        max_words,
+        max_chars,
+    )
     if key not in _EXTRACT_CACHE:
         while len(_EXTRACT_CACHE) >= 8:  # a few text sets per process at most
             _EXTRACT_CACHE.pop(next(iter(_EXTRACT_CACHE)))
@@ -224,14 +280,19 @@ def fortune_files(language: str) -> list[Path]:
     """The installed fortune files for ``language`` (``en``: fortunes, ``de``: fortunes-de)."""
     folder = FORTUNE_DIRS.get(language)
     if folder is None:
-        raise ConditumeError(f"no built-in text for language '{language}': pass --text {language}=PATH")
+        raise CondituneError(f"no built-in text for language '{language}': pass --text {language}=PATH")
     files = []
     if folder.is_dir():
         for path in sorted(folder.iterdir()):
-            if path.is_file() and not path.is_symlink() and path.suffix not in (".dat", ".u8") and path.name not in SKIP_FORTUNE_FILES:
+            if (
+                path.is_file()
+                and not path.is_symlink()
+                and path.suffix not in (".dat", ".u8")
+                and path.name not in SKIP_FORTUNE_FILES
+            ):
                 files.append(path)
     if not files:
-        raise ConditumeError(
+        raise CondituneError(
             f"no {language} text: apt-get install {FORTUNE_PACKAGES[language]} (fortunes in {folder}), "
             f"or pass --text {language}=PATH"
         )
@@ -259,8 +320,9 @@ class _Engine:
 
 def _run(cmd: list[str], text: str | None = None, timeout: float = 120) -> None:
     try:
-        done = subprocess.run(cmd, input=None if text is None else text.encode("utf-8"),
-                              capture_output=True, timeout=timeout)
+        done = subprocess.run(
+            cmd, input=None if text is None else text.encode("utf-8"), capture_output=True, timeout=timeout
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EngineError(f"{cmd[0]}: {exc}") from None
     if done.returncode != 0:
@@ -273,7 +335,7 @@ def _read_wav(path: Path) -> tuple[np.ndarray, int]:
 
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         raise EngineError(f"engine wrote no readable audio: {exc}") from None
     return data, int(rate)
 
@@ -286,8 +348,23 @@ class EspeakCLI(_Engine):
 
     def synthesize(self, text, params, scratch):
         out = scratch / "espeak.wav"
-        _run([self.exe, "-b", "1", "-v", params["voice"], "-s", str(params["speed"]), "-p", str(params["pitch"]),
-              "-w", str(out), "--stdin"], text)
+        _run(
+            [
+                self.exe,
+                "-b",
+                "1",
+                "-v",
+                params["voice"],
+                "-s",
+                str(params["speed"]),
+                "-p",
+                str(params["pitch"]),
+                "-w",
+                str(out),
+                "--stdin",
+            ],
+            text,
+        )
         return _read_wav(out)
 
     def version(self) -> str:
@@ -313,8 +390,16 @@ class EspeakLibrary(_Engine):
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         rate = lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)  # 2: synchronous
         if rate <= 0:
             raise EngineError("libespeak-ng from espeakng-loader failed to initialise")
@@ -357,8 +442,21 @@ class Flite(_Engine):
         out = scratch / "flite.wav"
         text_file = scratch / "text.txt"
         text_file.write_text(text, encoding="utf-8")
-        _run([self.exe, "-voice", params["voice"], "--setf", f"duration_stretch={params['stretch']}",
-              "--setf", f"int_f0_target_mean={params['f0']}", "-f", str(text_file), "-o", str(out)])
+        _run(
+            [
+                self.exe,
+                "-voice",
+                params["voice"],
+                "--setf",
+                f"duration_stretch={params['stretch']}",
+                "--setf",
+                f"int_f0_target_mean={params['f0']}",
+                "-f",
+                str(text_file),
+                "-o",
+                str(out),
+            ]
+        )
         return _read_wav(out)
 
     def version(self) -> str:
@@ -377,8 +475,18 @@ class Festival(_Engine):
 
     def synthesize(self, text, params, scratch):
         out = scratch / "festival.wav"
-        _run([self.exe, "-o", str(out), "-eval", f"(voice_{params['voice']})",
-              "-eval", f"(Parameter.set 'Duration_Stretch {params['stretch']})"], text)
+        _run(
+            [
+                self.exe,
+                "-o",
+                str(out),
+                "-eval",
+                f"(voice_{params['voice']})",
+                "-eval",
+                f"(Parameter.set 'Duration_Stretch {params['stretch']})",
+            ],
+            text,
+        )
         return _read_wav(out)
 
 
@@ -389,13 +497,13 @@ def find_espeak() -> _Engine:
     try:
         import espeakng_loader  # noqa: F401
     except ImportError:
-        raise ConditumeError(
+        raise CondituneError(
             "espeak-ng is not installed: apt-get install espeak-ng, or pip install espeakng-loader"
         ) from None
     try:
         return EspeakLibrary()
     except (OSError, EngineError) as exc:
-        raise ConditumeError(f"espeakng-loader is installed but libespeak-ng does not load: {exc}") from None
+        raise CondituneError(f"espeakng-loader is installed but libespeak-ng does not load: {exc}") from None
 
 
 def available_engines(requested: Sequence[str] | None = None) -> dict[str, _Engine]:
@@ -410,15 +518,15 @@ def available_engines(requested: Sequence[str] | None = None) -> dict[str, _Engi
             if exe:
                 engines["flite"] = Flite(exe)
             elif requested is not None:
-                raise ConditumeError("flite is not installed: apt-get install flite")
+                raise CondituneError("flite is not installed: apt-get install flite")
         elif name == "festival":
             exe = shutil.which("text2wave")
             if exe:
                 engines["festival"] = Festival(exe)
             else:
-                raise ConditumeError("festival is not installed: apt-get install festival festvox-kallpc16k")
+                raise CondituneError("festival is not installed: apt-get install festival festvox-kallpc16k")
         else:
-            raise ConditumeError(f"unknown speech engine '{name}' (use espeak-ng, flite, festival)")
+            raise CondituneError(f"unknown speech engine '{name}' (use espeak-ng, flite, festival)")
     return engines
 
 
@@ -443,15 +551,24 @@ def choose_voice(text: str, language: str, seed: int, engines: Sequence[str]) ->
         voices = ESPEAK_VOICES.get(language, (language,))
         voice = voices[int(rng.integers(len(voices)))]
         variant = ESPEAK_VARIANTS[int(rng.integers(len(ESPEAK_VARIANTS)))]
-        return {"engine": engine, "voice": f"{voice}+{variant}" if variant else voice,
-                "speed": int(rng.integers(ESPEAK_SPEED[0], ESPEAK_SPEED[1] + 1)),
-                "pitch": int(rng.integers(ESPEAK_PITCH[0], ESPEAK_PITCH[1] + 1)), "peak": gain}
+        return {
+            "engine": engine,
+            "voice": f"{voice}+{variant}" if variant else voice,
+            "speed": int(rng.integers(ESPEAK_SPEED[0], ESPEAK_SPEED[1] + 1)),
+            "pitch": int(rng.integers(ESPEAK_PITCH[0], ESPEAK_PITCH[1] + 1)),
+            "peak": gain,
+        }
     if engine == "flite":
         names = sorted(FLITE_VOICES)
         voice = names[int(rng.integers(len(names)))]
         low, high = FLITE_VOICES[voice]
-        return {"engine": engine, "voice": voice, "stretch": round(float(rng.uniform(*FLITE_STRETCH)), 3),
-                "f0": int(rng.integers(low, high + 1)), "peak": gain}
+        return {
+            "engine": engine,
+            "voice": voice,
+            "stretch": round(float(rng.uniform(*FLITE_STRETCH)), 3),
+            "f0": int(rng.integers(low, high + 1)),
+            "peak": gain,
+        }
     voice = FESTIVAL_VOICES[int(rng.integers(len(FESTIVAL_VOICES)))]
     return {"engine": engine, "voice": voice, "stretch": round(float(rng.uniform(*FESTIVAL_STRETCH)), 3), "peak": gain}
 
@@ -483,8 +600,13 @@ def common_words_only(sentences: Sequence[str], vocab_size: int) -> list[str]:
 
 
 def plan_texts(
-    sentences: Sequence[str], language: str, seed: int, counts: Mapping[str, int], heldout_count: int,
-    source: str = "", vocab_size: int | None = None,
+    sentences: Sequence[str],
+    language: str,
+    seed: int,
+    counts: Mapping[str, int],
+    heldout_count: int,
+    source: str = "",
+    vocab_size: int | None = None,
 ) -> TextPlan:
     """Shuffle the pool with the seed and slice it: test, dev, held-out text, train.
 
@@ -497,7 +619,7 @@ def plan_texts(
     needed = sum(counts.get(s, 0) for s in SPLITS)
     if needed > len(spoken):
         limited = f" with only the {vocab_size} most frequent words" if vocab_size else ""
-        raise ConditumeError(
+        raise CondituneError(
             f"{language}: {needed} sentences wanted for train/dev/test but only {len(spoken)} usable ones{limited} "
             f"in {source or 'the text sources'}: lower the counts, raise the vocabulary or add text with --text {language}=PATH"
         )
@@ -519,7 +641,9 @@ def plan_texts(
 
 
 def _file_hash(text: str, voice: Mapping[str, Any], sample_rate: int) -> str:
-    key = json.dumps({"text": text, "voice": dict(voice), "sr": sample_rate, "v": 1}, sort_keys=True, ensure_ascii=False)
+    key = json.dumps(
+        {"text": text, "voice": dict(voice), "sr": sample_rate, "v": 1}, sort_keys=True, ensure_ascii=False
+    )
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
 
 
@@ -582,7 +706,7 @@ def _existing_duration(path: Path) -> float | None:
 
         info = sf.info(str(path))
         return info.frames / info.samplerate if info.frames > 0 else None
-    except Exception:
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -596,21 +720,25 @@ def synthesize_dataset(
     from conditune.io import atomic_write_json, atomic_write_text
 
     log = log or (lambda message: None)
-    for name, value in (("count_train", config.count_train), ("count_dev", config.count_dev),
-                        ("count_test", config.count_test), ("heldout_count", config.heldout_count)):
+    for name, value in (
+        ("count_train", config.count_train),
+        ("count_dev", config.count_dev),
+        ("count_test", config.count_test),
+        ("heldout_count", config.heldout_count),
+    ):
         if value < 0:
-            raise ConditumeError(f"{name} must be >= 0, got {value}")
+            raise CondituneError(f"{name} must be >= 0, got {value}")
     if config.vocab_size is not None and config.vocab_size < 1:
-        raise ConditumeError(f"vocab_size must be >= 1, got {config.vocab_size}")
+        raise CondituneError(f"vocab_size must be >= 1, got {config.vocab_size}")
     if config.min_words < 1 or config.max_words < config.min_words:
-        raise ConditumeError(f"word limits {config.min_words}..{config.max_words} are not a valid range")
+        raise CondituneError(f"word limits {config.min_words}..{config.max_words} are not a valid range")
     languages = tuple(dict.fromkeys(lang.strip() for lang in config.languages if lang.strip()))
     if not languages:
-        raise ConditumeError("no languages given")
+        raise CondituneError("no languages given")
     for lang, paths in config.texts.items():
         for path in paths:
             if not Path(path).is_file():
-                raise ConditumeError(f"text file for {lang} not found: {path}")
+                raise CondituneError(f"text file for {lang} not found: {path}")
     engines = available_engines(config.engines)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -621,12 +749,18 @@ def synthesize_dataset(
     for lang in languages:
         files = [Path(p) for p in config.texts[lang]] if lang in config.texts else fortune_files(lang)
         sentences = extract_sentences(files, lang, config.min_words, config.max_words, config.max_chars)
-        source = (", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
-                  if lang in config.texts else str(FORTUNE_DIRS[lang]))
+        source = (
+            ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+            if lang in config.texts
+            else str(FORTUNE_DIRS[lang])
+        )
         plan = plan_texts(sentences, lang, config.seed, counts, config.heldout_count, source, config.vocab_size)
         plans[lang] = plan
-        log(f"{lang}: {plan.pool_size} usable sentences; "
-            + ", ".join(f"{s} {len(plan.splits[s])}" for s in SPLITS) + f", held-out text {len(plan.heldout)}")
+        log(
+            f"{lang}: {plan.pool_size} usable sentences; "
+            + ", ".join(f"{s} {len(plan.splits[s])}" for s in SPLITS)
+            + f", held-out text {len(plan.heldout)}"
+        )
         if len(plan.heldout) < config.heldout_count:
             log(f"{lang}: only {len(plan.heldout)} of {config.heldout_count} held-out sentences left over")
         for split in SPLITS:
@@ -660,8 +794,14 @@ def synthesize_dataset(
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        progress_bar = Progress(TextColumn("synthesising"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=False)
+        progress_bar = Progress(
+            TextColumn("synthesising"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
         progress_bar.start()
         task = progress_bar.add_task("synth", total=len(todo))
     try:
@@ -671,7 +811,7 @@ def synthesize_dataset(
                 item = futures[future]
                 try:
                     durations[item.id] = future.result()
-                except (EngineError, ConditumeError) as exc:
+                except (EngineError, CondituneError) as exc:
                     failed.append((item.id, str(exc)))
                 if progress_bar is not None:
                     progress_bar.advance(task)
@@ -679,7 +819,7 @@ def synthesize_dataset(
         if progress_bar is not None:
             progress_bar.stop()
     if todo and len(failed) == len(todo):
-        raise ConditumeError(f"speech synthesis failed for all {len(todo)} utterances: {failed[0][1]}")
+        raise CondituneError(f"speech synthesis failed for all {len(todo)} utterances: {failed[0][1]}")
     for utt_id, reason in failed[:5]:
         log(f"skipped {utt_id}: {reason}")
 
@@ -688,8 +828,7 @@ def synthesize_dataset(
     for split in SPLITS:
         chosen = [item for item in items if item.split == split and item.id in durations]
         utterances = [Utterance(item.id, item.audio, item.text, item.language) for item in chosen]
-        extras = {item.id: {"duration": round(durations[item.id], 3), "tts": item.voice}
-                  for item in chosen}
+        extras = {item.id: {"duration": round(durations[item.id], 3), "tts": item.voice} for item in chosen}
         manifests[split] = write_manifest(output / f"{split}.jsonl", utterances, extras=extras)
         for lang in languages:
             result_counts[lang][split] = sum(1 for item in chosen if item.language == lang)
@@ -698,9 +837,13 @@ def synthesize_dataset(
         heldout[lang] = output / f"heldout_text.{lang}.txt"
         atomic_write_text(heldout[lang], "".join(line + "\n" for line in plan.heldout))
     summary = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k not in ("texts", "output")},
-        "texts": {lang: [str(p) for p in config.texts[lang]] if lang in config.texts else [str(FORTUNE_DIRS.get(lang))]
-                  for lang in languages},
+        "config": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k not in ("texts", "output")
+        },
+        "texts": {
+            lang: [str(p) for p in config.texts[lang]] if lang in config.texts else [str(FORTUNE_DIRS.get(lang))]
+            for lang in languages
+        },
         "engines": {name: engine.version() for name, engine in engines.items()},
         "pool_sizes": {lang: plan.pool_size for lang, plan in plans.items()},
         "counts": result_counts,
@@ -708,5 +851,13 @@ def synthesize_dataset(
         "failed": [list(f) for f in failed],
     }
     atomic_write_json(output / "synth_config.json", summary)
-    return SynthResult(output=output, manifests=manifests, heldout=heldout, counts=result_counts,
-                       synthesized=len(todo) - len(failed), reused=reused, failed=failed, engines=list(engines))
+    return SynthResult(
+        output=output,
+        manifests=manifests,
+        heldout=heldout,
+        counts=result_counts,
+        synthesized=len(todo) - len(failed),
+        reused=reused,
+        failed=failed,
+        engines=list(engines),
+    )

@@ -21,13 +21,14 @@ mean of per-sentence perplexities).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 DEFAULT_INSTRUCTIONS: dict[str, list[str]] = {
     "en": [
@@ -83,7 +84,7 @@ def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise ConditumeError(f"text file {path} not found") from None
+        raise CondituneError(f"text file {path} not found") from None
     texts = [line.strip() for line in lines if line.strip()]
     return texts[:limit] if limit is not None else texts
 
@@ -112,8 +113,11 @@ def _bos_id(tokenizer, model: nn.Module) -> int | None:
 
 
 def _pad_id(tokenizer, model: nn.Module) -> int:
-    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
-                 getattr(_core(model).config, "eos_token_id", None)):
+    for cand in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(_core(model).config, "eos_token_id", None),
+    ):
         if isinstance(cand, (list, tuple)):
             cand = cand[0] if cand else None
         if cand is not None:
@@ -142,8 +146,14 @@ def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def text_metrics(base_llm: nn.Module, adapted_llm: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 8,
-                 max_tokens: int = 128) -> dict[str, Any]:
+def text_metrics(
+    base_llm: nn.Module,
+    adapted_llm: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    max_tokens: int = 128,
+) -> dict[str, Any]:
     """Perplexity of both models and mean per-token KL(base ‖ adapted) in nats on ``texts``.
 
     Returns ``{"perplexity_base", "perplexity_adapted", "kl_to_base", "tokens", "texts"}``; ``tokens``
@@ -199,8 +209,9 @@ def text_metrics(base_llm: nn.Module, adapted_llm: nn.Module, tokenizer, texts: 
 def prompt_ids(tokenizer, prompt: str, bos: int | None) -> list[int]:
     """A user turn through the chat template (with the generation prompt) when there is one, else BOS + text."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         if ids and isinstance(ids[0], list):
@@ -229,8 +240,9 @@ def _greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop: set[int
 
 
 @torch.no_grad()
-def greedy_agreement(base_llm: nn.Module, adapted_llm: nn.Module, tokenizer, prompts: Sequence[str],
-                     max_new_tokens: int = 24) -> dict[str, Any]:
+def greedy_agreement(
+    base_llm: nn.Module, adapted_llm: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24
+) -> dict[str, Any]:
     """How often the adapted model's greedy continuation equals the base model's.
 
     ``agreement``: mean over prompts of the fraction of the base continuation's positions where the
@@ -259,17 +271,28 @@ def greedy_agreement(base_llm: nn.Module, adapted_llm: nn.Module, tokenizer, pro
             else:
                 fractions.append(1.0 if not b else 0.0)
             exact += int(a == b)
-            samples.append({"prompt": prompt, "base": tokenizer.decode(a, skip_special_tokens=True),
-                            "adapted": tokenizer.decode(b, skip_special_tokens=True)})
+            samples.append(
+                {
+                    "prompt": prompt,
+                    "base": tokenizer.decode(a, skip_special_tokens=True),
+                    "adapted": tokenizer.decode(b, skip_special_tokens=True),
+                }
+            )
     finally:
         base_llm.train(was[0])
         adapted_llm.train(was[1])
     n = len(fractions)
-    return {"agreement": sum(fractions) / n if n else float("nan"), "exact": exact / n if n else float("nan"),
-            "prompts": n, "samples": samples}
+    return {
+        "agreement": sum(fractions) / n if n else float("nan"),
+        "exact": exact / n if n else float("nan"),
+        "prompts": n,
+        "samples": samples,
+    }
 
 
-def load_llm_pair(model_dir: str | Path, *, device: str | torch.device | None = None) -> tuple[nn.Module, nn.Module, Any]:
+def load_llm_pair(
+    model_dir: str | Path, *, device: str | torch.device | None = None
+) -> tuple[nn.Module, nn.Module, Any]:
     """``(base_llm, adapted_llm, tokenizer)`` for a saved speech model folder (``final/`` or a checkpoint).
 
     The base LLM is loaded from the same path the speech model's config names; the adapted one is the

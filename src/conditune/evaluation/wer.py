@@ -30,8 +30,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ def _spelling_candidates() -> list[Path]:
         found.append(Path(env).expanduser())
     import importlib.util
 
-    for package, member in (("whisper_normalizer", "normalizers/english.json"), ("whisper", "normalizers/english.json")):
+    for package, member in (
+        ("whisper_normalizer", "normalizers/english.json"),
+        ("whisper", "normalizers/english.json"),
+    ):
         try:
             spec = importlib.util.find_spec(package)
         except (ImportError, ValueError):
@@ -61,7 +65,7 @@ def _spelling_candidates() -> list[Path]:
         from conditune.models import model_path
 
         found.append(Path(model_path("whisper-base")) / "normalizer.json")
-    except Exception:  # no demo model registry or not installed: not an error here
+    except Exception:  # noqa: BLE001 - no demo model registry or not installed: not an error here
         pass
     return found
 
@@ -86,7 +90,7 @@ def english_spelling_mapping() -> dict[str, str]:
     return {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _normaliser(english: bool) -> Callable[[str], str]:
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
@@ -101,8 +105,16 @@ def normalise(text: str, language: str) -> str:
 
 
 def _empty_counts() -> dict[str, int]:
-    return {"utterances": 0, "reference_words": 0, "hypothesis_words": 0, "substitutions": 0,
-            "deletions": 0, "insertions": 0, "hits": 0, "empty_references": 0}
+    return {
+        "utterances": 0,
+        "reference_words": 0,
+        "hypothesis_words": 0,
+        "substitutions": 0,
+        "deletions": 0,
+        "insertions": 0,
+        "hits": 0,
+        "empty_references": 0,
+    }
 
 
 def word_error_rate(

@@ -23,10 +23,11 @@ which lands within one module's (in + out) of the target P — far inside the 5 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.experiment.config import ExperimentConfig
 
 SELECTION_ARMS = {  # arm -> (policy, score)
@@ -82,10 +83,12 @@ def lora_count(shapes: dict[str, tuple[int, int]], r: int, extra: Sequence[str] 
     return r * sum(o + i for o, i in shapes.values()) + sum(shapes[m][0] + shapes[m][1] for m in extra)
 
 
-def match_lora(shapes: dict[str, tuple[int, int]], target: int, rank: Any, alpha_ratio: float) -> tuple[dict[str, Any], int]:
+def match_lora(
+    shapes: dict[str, tuple[int, int]], target: int, rank: Any, alpha_ratio: float
+) -> tuple[dict[str, Any], int]:
     """A ``trainable.lora`` section over ``shapes`` whose parameter count is closest to ``target``."""
     if not shapes:
-        raise ConditumeError("LoRA arm: no linear module to wrap among the targets")
+        raise CondituneError("LoRA arm: no linear module to wrap among the targets")
     total = sum(o + i for o, i in shapes.values())
     extra: list[str] = []
     if rank == "match":
@@ -100,8 +103,13 @@ def match_lora(shapes: dict[str, tuple[int, int]], target: int, rank: Any, alpha
     else:
         r = int(rank)
     pattern = {re.escape(m): r + 1 for m in extra}
-    section = {"r": r, "alpha": _alpha(alpha_ratio, r), "dropout": 0.0, "rank_pattern": pattern,
-               "alpha_pattern": {k: _alpha(alpha_ratio, v) for k, v in pattern.items()}}
+    section = {
+        "r": r,
+        "alpha": _alpha(alpha_ratio, r),
+        "dropout": 0.0,
+        "rank_pattern": pattern,
+        "alpha_pattern": {k: _alpha(alpha_ratio, v) for k, v in pattern.items()},
+    }
     return section, lora_count(shapes, r, extra)
 
 
@@ -121,7 +129,9 @@ def plan_arms(cfg: ExperimentConfig, records, seed: int, meta: dict | None = Non
         policy, score = SELECTION_ARMS[arm]
         sel = select(records, policy, count=e.count, score=score, exclude=e.exclude, seed=seed, meta=meta)
         if len(sel.names) < e.count:
-            raise ConditumeError(f"arm {arm}: only {len(sel.names)} tensors can be selected, experiment.count is {e.count}")
+            raise CondituneError(
+                f"arm {arm}: only {len(sel.names)} tensors can be selected, experiment.count is {e.count}"
+            )
         return sel
 
     lowest = selection("lowest-kappa")
@@ -129,8 +139,13 @@ def plan_arms(cfg: ExperimentConfig, records, seed: int, meta: dict | None = Non
     for arm in e.arms:
         if arm in SELECTION_ARMS:
             sel = lowest if arm == "lowest-kappa" else selection(arm)
-            plans[arm] = ArmPlan(arm, {"mode": "names", "names": list(sel.names)}, sel.selected_params,
-                                 f"{len(sel.names)} tensors, {sel.share:.1%} of the LLM", list(sel.names))
+            plans[arm] = ArmPlan(
+                arm,
+                {"mode": "names", "names": list(sel.names)},
+                sel.selected_params,
+                f"{len(sel.names)} tensors, {sel.share:.1%} of the LLM",
+                list(sel.names),
+            )
         elif arm == "adaptor-only":
             plans[arm] = ArmPlan(arm, {"mode": "none"}, 0, "LLM frozen")
         elif arm == "full":
@@ -140,8 +155,10 @@ def plan_arms(cfg: ExperimentConfig, records, seed: int, meta: dict | None = Non
                 suffixes = tuple(e.lora_targets)
                 shapes = {m: s for m, s in linear.items() if m.split(".")[-1] in suffixes}
                 if not shapes:
-                    raise ConditumeError(f"arm lora: no linear module of the LLM ends in {', '.join(suffixes)} "
-                                         "(set experiment.lora_targets)")
+                    raise CondituneError(
+                        f"arm lora: no linear module of the LLM ends in {', '.join(suffixes)} "
+                        "(set experiment.lora_targets)"
+                    )
                 targets, rank = list(e.lora_targets), e.lora_rank
             else:
                 modules = [n[: -len(".weight")] for n in lowest.names if n.endswith(".weight")]
@@ -150,12 +167,18 @@ def plan_arms(cfg: ExperimentConfig, records, seed: int, meta: dict | None = Non
             section, count = match_lora(shapes, lowest.selected_params, rank, e.lora_alpha_ratio)
             error = count / lowest.selected_params - 1 if lowest.selected_params else 0.0
             if rank == "match" and abs(error) > e.match_tolerance:
-                raise ConditumeError(f"arm {arm}: cannot match lowest-kappa's {lowest.selected_params} parameters within "
-                                     f"{e.match_tolerance:.0%} (best {count}, {error:+.1%}); change experiment.count "
-                                     f"or experiment.{'lora_targets' if arm == 'lora' else 'kappa_lora_rank'}")
+                raise CondituneError(
+                    f"arm {arm}: cannot match lowest-kappa's {lowest.selected_params} parameters within "
+                    f"{e.match_tolerance:.0%} (best {count}, {error:+.1%}); change experiment.count "
+                    f"or experiment.{'lora_targets' if arm == 'lora' else 'kappa_lora_rank'}"
+                )
             section["target_modules"] = targets
             dropped = len(lowest.names) - len(shapes) if arm == "kappa-lora" else 0
-            note = (f"{len(shapes)} modules, r={section['r']}" + (f" (+1 on {len(section['rank_pattern'])})" if section["rank_pattern"] else "")
-                    + f", {error:+.2%} vs lowest-kappa" + (f", {dropped} non-linear tensors of the selection dropped" if dropped else ""))
+            note = (
+                f"{len(shapes)} modules, r={section['r']}"
+                + (f" (+1 on {len(section['rank_pattern'])})" if section["rank_pattern"] else "")
+                + f", {error:+.2%} vs lowest-kappa"
+                + (f", {dropped} non-linear tensors of the selection dropped" if dropped else "")
+            )
             plans[arm] = ArmPlan(arm, {"mode": "lora", "lora": section}, count, note, sorted(shapes))
     return plans

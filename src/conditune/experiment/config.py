@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 ARMS = ("lowest-kappa", "highest-kappa", "random", "lowest-kappa-norm", "adaptor-only", "lora", "kappa-lora", "full")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,34 +52,36 @@ class ExperimentConfig:
     def validate(self) -> None:
         e = self.experiment
         if not e.arms:
-            raise ConditumeError("experiment.arms is empty")
+            raise CondituneError("experiment.arms is empty")
         bad = [a for a in e.arms if a not in ARMS]
         if bad:
-            raise ConditumeError(f"unknown arm(s) {', '.join(map(str, bad))} in experiment.arms (known: {', '.join(ARMS)})")
+            raise CondituneError(
+                f"unknown arm(s) {', '.join(map(str, bad))} in experiment.arms (known: {', '.join(ARMS)})"
+            )
         if len(set(e.arms)) != len(e.arms):
-            raise ConditumeError("experiment.arms lists an arm twice")
+            raise CondituneError("experiment.arms lists an arm twice")
         if not e.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in e.seeds):
-            raise ConditumeError("experiment.seeds must be a non-empty list of integers")
+            raise CondituneError("experiment.seeds must be a non-empty list of integers")
         if len(set(e.seeds)) != len(e.seeds):
-            raise ConditumeError("experiment.seeds lists a seed twice")
+            raise CondituneError("experiment.seeds lists a seed twice")
         if not isinstance(e.count, int) or e.count < 1:
-            raise ConditumeError(f"experiment.count must be a positive integer, not {e.count!r}")
+            raise CondituneError(f"experiment.count must be a positive integer, not {e.count!r}")
         for key in ("lora_rank", "kappa_lora_rank"):
             value = getattr(e, key)
             if value != "match" and not (isinstance(value, int) and value >= 1):
-                raise ConditumeError(f"experiment.{key} must be 'match' or a positive integer, not {value!r}")
+                raise CondituneError(f"experiment.{key} must be 'match' or a positive integer, not {value!r}")
         if not isinstance(e.heldout_text, dict):
-            raise ConditumeError("experiment.heldout_text must map a language to a text file")
+            raise CondituneError("experiment.heldout_text must map a language to a text file")
         for lang, path in e.heldout_text.items():
             if not Path(str(path)).is_file():
-                raise ConditumeError(f"experiment.heldout_text.{lang}: {path} not found")
+                raise CondituneError(f"experiment.heldout_text.{lang}: {path} not found")
         if e.scan is not None and not Path(e.scan).is_file():
-            raise ConditumeError(f"experiment.scan: {e.scan} not found")
+            raise CondituneError(f"experiment.scan: {e.scan} not found")
         if e.shard is not None:
             parse_shard(e.shard)
         t = self.train_data.get("train") or {}
         if t.get("max_seconds") is not None:
-            raise ConditumeError("train.max_seconds must be null in an experiment: every arm trains the same steps")
+            raise CondituneError("train.max_seconds must be null in an experiment: every arm trains the same steps")
         self.train_config_for(self.experiment.seeds[0], "/tmp/unused", {"mode": "none"})  # checks model/data/train
 
     def train_config_for(self, seed: int, output_dir: str | Path, trainable: dict[str, Any]):
@@ -101,9 +103,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in str(text).split("/"))
     except ValueError:
-        raise ConditumeError(f"experiment.shard must look like i/n (e.g. 0/4), not {text!r}") from None
+        raise CondituneError(f"experiment.shard must look like i/n (e.g. 0/4), not {text!r}") from None
     if n < 1 or not 0 <= i < n:
-        raise ConditumeError(f"experiment.shard {text!r}: need 0 <= i < n")
+        raise CondituneError(f"experiment.shard {text!r}: need 0 <= i < n")
     return i, n
 
 
@@ -117,7 +119,7 @@ def load_experiment_config(path: str | Path | dict, overrides: Sequence[str] | d
     data = apply_overrides(data, overrides)
     unknown = sorted(set(data) - {"experiment", "model", "data", "train"})
     if unknown:
-        raise ConditumeError(f"unknown section(s) {', '.join(unknown)} (known: experiment, model, data, train)")
+        raise CondituneError(f"unknown section(s) {', '.join(unknown)} (known: experiment, model, data, train)")
     section = build_dataclass(ExperimentSection, data.pop("experiment", None) or {}, "experiment", {})
     if isinstance(section.arms, str):
         section.arms = [a.strip() for a in section.arms.split(",") if a.strip()]

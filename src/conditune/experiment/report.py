@@ -12,8 +12,11 @@ from typing import Any
 
 from conditune.io import atomic_write, atomic_write_text, read_jsonl
 
-SUMMARY_METRICS = [("ppl_change", "ppl change", "{:+.3f}"), ("kl", "KL(base‖adapted)", "{:.4f}"),
-                   ("agreement", "agreement", "{:.3f}")]
+SUMMARY_METRICS = [
+    ("ppl_change", "ppl change", "{:+.3f}"),
+    ("kl", "KL(base‖adapted)", "{:.4f}"),
+    ("agreement", "agreement", "{:.3f}"),
+]
 NOISE_METRICS = ["wer_all", "ppl_change", "kl", "agreement"]
 
 
@@ -32,8 +35,11 @@ def collect(output: Path, arms: list[str], seeds: list[int]) -> dict[tuple[str, 
             for r in records:
                 if r.get("kind") == "eval":
                     evals[int(r["step"])] = r  # a repeated step (a resumed final evaluation): the last wins
-            runs[(arm, seed)] = {"done": json.loads((folder / DONE).read_text()), "evals": evals,
-                                 "train": [r for r in records if r.get("kind") == "train"]}
+            runs[(arm, seed)] = {
+                "done": json.loads((folder / DONE).read_text()),
+                "evals": evals,
+                "train": [r for r in records if r.get("kind") == "train"],
+            }
     return runs
 
 
@@ -51,8 +57,12 @@ def rows_for(runs) -> list[tuple[str, int, int, str, float]]:
         final = max(run["evals"]) if run["evals"] else run["done"]["result"]["step"]
         res = run["done"]["result"]
         wall = max((r.get("elapsed_s", 0.0) for r in run["train"]), default=res["elapsed_s"])
-        for key, value in (("trainable_params", res.get("trainable_params")), ("trainable_llm_params", res.get("trainable_llm_params")),
-                           ("seconds_per_step", res.get("seconds_per_step")), ("wall_s", wall)):
+        for key, value in (
+            ("trainable_params", res.get("trainable_params")),
+            ("trainable_llm_params", res.get("trainable_llm_params")),
+            ("seconds_per_step", res.get("seconds_per_step")),
+            ("wall_s", wall),
+        ):
             if _num(value):
                 rows.append((arm, seed, final, key, float(value)))
     return rows
@@ -92,29 +102,43 @@ def build_report(output: Path, cfg) -> dict[str, Any]:
         if step == last_step.get((arm, seed)):
             final[(arm, seed)][metric] = value
     langs = sorted({m[4:] for v in final.values() for m in v if m.startswith("wer_") and m != "wer_all"})
-    flangs = sorted({m[len("kl_"):] for v in final.values() for m in v if m.startswith("kl_")})
+    flangs = sorted({m[len("kl_") :] for v in final.values() for m in v if m.startswith("kl_")})
     done_arms = [a for a in arms if any((a, s) in runs for s in seeds)]
 
     def stat(arm, metric):
         return mean_std([final[(arm, s)].get(metric, math.nan) for s in seeds if (arm, s) in final])
 
-    lines = ["# Experiment summary", "",
-             f"Runs finished: {len(runs)} of {len(arms) * len(seeds)} ({len(arms)} arms × seeds {seeds}). "
-             f"Values at each run's last evaluation step (step {sorted(set(last_step.values())) or '–'}), "
-             "mean ± sample std over seeds. N = "
-             f"{cfg.experiment.count} tensors for the selection arms. WER in %; ppl change = perplexity(adapted)/"
-             "perplexity(base) − 1 on held-out text; KL in nats per token; agreement = share of the base model's "
-             "greedy tokens the adapted model reproduces on instructions (1 = no change).", ""]
-    head = ["arm", "seeds"] + ["WER all"] + [f"WER {l}" for l in langs] + [h for _, h, _ in SUMMARY_METRICS] + \
-           ["trainable LLM params", "s/step", "wall s"]
+    lines = [
+        "# Experiment summary",
+        "",
+        f"Runs finished: {len(runs)} of {len(arms) * len(seeds)} ({len(arms)} arms × seeds {seeds}). "
+        f"Values at each run's last evaluation step (step {sorted(set(last_step.values())) or '–'}), "
+        "mean ± sample std over seeds. N = "
+        f"{cfg.experiment.count} tensors for the selection arms. WER in %; ppl change = perplexity(adapted)/"
+        "perplexity(base) − 1 on held-out text; KL in nats per token; agreement = share of the base model's "
+        "greedy tokens the adapted model reproduces on instructions (1 = no change).",
+        "",
+    ]
+    head = (
+        ["arm", "seeds"]
+        + ["WER all"]
+        + [f"WER {l}" for l in langs]
+        + [h for _, h, _ in SUMMARY_METRICS]
+        + ["trainable LLM params", "s/step", "wall s"]
+    )
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in done_arms:
         n = sum((arm, s) in runs for s in seeds)
-        cells = [arm, str(n), _fmt(*stat(arm, "wer_all"), "{:.2f}")] + [_fmt(*stat(arm, f"wer_{l}"), "{:.2f}") for l in langs]
+        cells = [arm, str(n), _fmt(*stat(arm, "wer_all"), "{:.2f}")] + [
+            _fmt(*stat(arm, f"wer_{l}"), "{:.2f}") for l in langs
+        ]
         cells += [_fmt(*stat(arm, key), spec) for key, _, spec in SUMMARY_METRICS]
         params = stat(arm, "trainable_llm_params")[0]
-        cells += [f"{params / 1e6:.3f}M" if math.isfinite(params) else "–", _fmt(*stat(arm, "seconds_per_step"), "{:.2f}"),
-                  _fmt(*stat(arm, "wall_s"), "{:.0f}")]
+        cells += [
+            f"{params / 1e6:.3f}M" if math.isfinite(params) else "–",
+            _fmt(*stat(arm, "seconds_per_step"), "{:.2f}"),
+            _fmt(*stat(arm, "wall_s"), "{:.0f}"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if flangs:
         lines += ["", "Forgetting per language:", ""]
@@ -123,15 +147,28 @@ def build_report(output: Path, cfg) -> dict[str, Any]:
         for arm in done_arms:
             cells = [arm]
             for l in flangs:
-                cells += [_fmt(*stat(arm, f"ppl_change_{l}"), "{:+.3f}"), _fmt(*stat(arm, f"kl_{l}"), "{:.4f}"),
-                          _fmt(*stat(arm, f"agreement_{l}"), "{:.3f}")]
+                cells += [
+                    _fmt(*stat(arm, f"ppl_change_{l}"), "{:+.3f}"),
+                    _fmt(*stat(arm, f"kl_{l}"), "{:.4f}"),
+                    _fmt(*stat(arm, f"agreement_{l}"), "{:.3f}"),
+                ]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *noise_section(done_arms, seeds, final, stat), "", *footing_section(runs, seeds, done_arms)]
-    notes = [f"- {arm}: {runs[(arm, s)]['done'].get('note', '')} (seed {s})" for arm in done_arms for s in seeds[:1] if (arm, s) in runs]
+    notes = [
+        f"- {arm}: {runs[(arm, s)]['done'].get('note', '')} (seed {s})"
+        for arm in done_arms
+        for s in seeds[:1]
+        if (arm, s) in runs
+    ]
     lines += ["", "What each arm trained:", "", *notes, ""]
     atomic_write_text(output / "summary.md", "\n".join(lines))
     plots = make_plots(output, runs, done_arms, seeds, langs)
-    return {"results": str(output / "results.csv"), "summary": str(output / "summary.md"), "plots": plots, "runs": len(runs)}
+    return {
+        "results": str(output / "results.csv"),
+        "summary": str(output / "summary.md"),
+        "plots": plots,
+        "runs": len(runs),
+    }
 
 
 def noise_section(arms, seeds, final, stat) -> list[str]:
@@ -141,9 +178,13 @@ def noise_section(arms, seeds, final, stat) -> list[str]:
         return lines + [f"(no {ref} arm: nothing to compare against)"]
     if len(seeds) < 2:
         return lines + ["One seed only: there is no estimate of seed noise, so no difference below can be called real."]
-    lines += [f"Each arm against `{ref}` at the last step: Δ = mean(arm) − mean({ref}); pooled std = √((s₁² + s₂²)/2). "
-              "|Δ| < 2·pooled std is marked *within noise*: with this many seeds such a difference is not evidence either way.", "",
-              "| arm | metric | Δ | pooled std | verdict |", "|---|---|---|---|---|"]
+    lines += [
+        f"Each arm against `{ref}` at the last step: Δ = mean(arm) − mean({ref}); pooled std = √((s₁² + s₂²)/2). "
+        "|Δ| < 2·pooled std is marked *within noise*: with this many seeds such a difference is not evidence either way.",
+        "",
+        "| arm | metric | Δ | pooled std | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for arm in arms:
         if arm == ref:
             continue
@@ -153,7 +194,7 @@ def noise_section(arms, seeds, final, stat) -> list[str]:
                 continue
             pooled = math.sqrt(((s1 if math.isfinite(s1) else 0) ** 2 + (s0 if math.isfinite(s0) else 0) ** 2) / 2)
             delta = m1 - m0
-            verdict = "within noise" if abs(delta) < 2 * pooled or pooled == 0 and delta == 0 else "beyond 2σ"
+            verdict = "within noise" if abs(delta) < 2 * pooled or (pooled == 0 and delta == 0) else "beyond 2σ"
             lines.append(f"| {arm} | {metric} | {delta:+.4g} | {pooled:.4g} | {verdict} |")
     return lines
 
@@ -175,10 +216,12 @@ def footing_section(runs, seeds, arms) -> list[str]:
         same_data = len(set(shas.values())) == 1
         same_lr = len({json.dumps(v) for v in lrs.values()}) == 1
         same_steps = len({tuple(v) for v in steps.values()}) == 1
-        lines.append(f"- seed {seed}: batch order {'identical' if same_data else 'DIFFERS'} across {len(shas)} arms "
-                     f"(data_sha {next(iter(shas.values()))[:12] if same_data else ', '.join(f'{a}={str(s)[:8]}' for a, s in shas.items())}); "
-                     f"adaptor learning-rate schedule {'identical' if same_lr else 'DIFFERS'}; evaluation steps "
-                     f"{'identical' if same_steps else 'DIFFER'} ({next(iter(steps.values()))})")
+        lines.append(
+            f"- seed {seed}: batch order {'identical' if same_data else 'DIFFERS'} across {len(shas)} arms "
+            f"(data_sha {next(iter(shas.values()))[:12] if same_data else ', '.join(f'{a}={str(s)[:8]}' for a, s in shas.items())}); "
+            f"adaptor learning-rate schedule {'identical' if same_lr else 'DIFFERS'}; evaluation steps "
+            f"{'identical' if same_steps else 'DIFFER'} ({next(iter(steps.values()))})"
+        )
     return lines
 
 
@@ -232,8 +275,11 @@ def make_plots(output: Path, runs, arms, seeds, langs) -> list[str]:
     fig.suptitle("WER over steps (mean ± std over seeds)")
     save(fig, "wer_over_steps.png")
 
-    fpanels = [("kl", "KL(base‖adapted), nats/token"), ("ppl_change", "perplexity change (adapted/base − 1)"),
-               ("agreement", "greedy agreement with base")]
+    fpanels = [
+        ("kl", "KL(base‖adapted), nats/token"),
+        ("ppl_change", "perplexity change (adapted/base − 1)"),
+        ("agreement", "greedy agreement with base"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), squeeze=False)
     for ax, (metric, title) in zip(axes[0], fpanels):
         panel(ax, metric, title)
@@ -255,8 +301,17 @@ def make_plots(output: Path, runs, arms, seeds, langs) -> list[str]:
             continue
         xs, ys = zip(*pts)
         ax.scatter(xs, ys, s=14, alpha=0.5, color=colors[arm])
-        ax.errorbar([np.mean(xs)], [np.mean(ys)], xerr=[np.std(xs, ddof=1) if len(xs) > 1 else 0],
-                    yerr=[np.std(ys, ddof=1) if len(ys) > 1 else 0], fmt="o", ms=7, color=colors[arm], label=arm, capsize=3)
+        ax.errorbar(
+            [np.mean(xs)],
+            [np.mean(ys)],
+            xerr=[np.std(xs, ddof=1) if len(xs) > 1 else 0],
+            yerr=[np.std(ys, ddof=1) if len(ys) > 1 else 0],
+            fmt="o",
+            ms=7,
+            color=colors[arm],
+            label=arm,
+            capsize=3,
+        )
     ax.set_xlabel("KL(base‖adapted) on held-out text, nats/token (less = less forgetting)")
     ax.set_ylabel("final dev WER, all (%)")
     ax.set_title("Final WER vs forgetting (dots: seeds; markers: mean ± std)")

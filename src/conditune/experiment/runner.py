@@ -22,11 +22,12 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.experiment.config import ExperimentConfig, load_experiment_config, parse_shard, to_dict
 from conditune.io import atomic_write_json
 
@@ -34,8 +35,21 @@ DONE = "done.json"
 PLAN = "plan.json"
 
 # keys of the experiment section that change what a run computes (arms, seeds, shard may change freely)
-_RESULT_KEYS = ("count", "scan", "exclude", "lora_targets", "lora_rank", "kappa_lora_rank", "lora_alpha_ratio",
-                "heldout_text", "heldout_limit", "max_tokens", "instructions", "instructions_limit", "agreement_new_tokens")
+_RESULT_KEYS = (
+    "count",
+    "scan",
+    "exclude",
+    "lora_targets",
+    "lora_rank",
+    "kappa_lora_rank",
+    "lora_alpha_ratio",
+    "heldout_text",
+    "heldout_limit",
+    "max_tokens",
+    "instructions",
+    "instructions_limit",
+    "agreement_new_tokens",
+)
 
 
 def run_dir(output: Path, arm: str, seed: int) -> Path:
@@ -56,7 +70,7 @@ def load_probes(cfg: ExperimentConfig) -> tuple[dict[str, list[str]], dict[str, 
     texts = {lang: read_texts(path, limit=e.heldout_limit) for lang, path in sorted(e.heldout_text.items())}
     for lang, rows in texts.items():
         if not rows:
-            raise ConditumeError(f"experiment.heldout_text.{lang}: {e.heldout_text[lang]} holds no text")
+            raise CondituneError(f"experiment.heldout_text.{lang}: {e.heldout_text[lang]} holds no text")
     source = e.instructions if e.instructions is not None else DEFAULT_INSTRUCTIONS
     langs = sorted(texts) or sorted(source)
     prompts = {lang: list(source.get(lang, []))[: e.instructions_limit] for lang in langs if source.get(lang)}
@@ -95,10 +109,18 @@ def make_hook(cfg: ExperimentConfig, texts, prompts, base: _BaseLLM, llm_config)
         out: dict[str, float] = {}
         changes, kls, agreements = [], [], []
         for lang, rows in texts.items():
-            m = text_metrics(base_llm, model.llm, model.tokenizer, rows, batch_size=e.metric_batch, max_tokens=e.max_tokens)
+            m = text_metrics(
+                base_llm, model.llm, model.tokenizer, rows, batch_size=e.metric_batch, max_tokens=e.max_tokens
+            )
             change = m["perplexity_adapted"] / m["perplexity_base"] - 1.0
-            out.update({f"ppl_base_{lang}": m["perplexity_base"], f"ppl_adapted_{lang}": m["perplexity_adapted"],
-                        f"ppl_change_{lang}": change, f"kl_{lang}": m["kl_to_base"]})
+            out.update(
+                {
+                    f"ppl_base_{lang}": m["perplexity_base"],
+                    f"ppl_adapted_{lang}": m["perplexity_adapted"],
+                    f"ppl_change_{lang}": change,
+                    f"kl_{lang}": m["kl_to_base"],
+                }
+            )
             changes.append(change)
             kls.append(m["kl_to_base"])
         for lang, rows in prompts.items():
@@ -116,8 +138,14 @@ def make_hook(cfg: ExperimentConfig, texts, prompts, base: _BaseLLM, llm_config)
     return hook
 
 
-def run_experiment(config: ExperimentConfig | str | Path | dict, output: str | Path, overrides=(), *,
-                   log: Callable[[str], None] | None = None, report_only: bool = False) -> dict[str, Any]:
+def run_experiment(
+    config: ExperimentConfig | str | Path | dict,
+    output: str | Path,
+    overrides=(),
+    *,
+    log: Callable[[str], None] | None = None,
+    report_only: bool = False,
+) -> dict[str, Any]:
     """Train and evaluate every (arm, seed) not yet done in ``output``, then rebuild the report there."""
     from conditune.experiment.arms import load_scan, plan_arms
     from conditune.experiment.report import build_report
@@ -134,8 +162,10 @@ def run_experiment(config: ExperimentConfig | str | Path | dict, output: str | P
         except json.JSONDecodeError:
             old = None
         if old not in (None, fp):
-            raise ConditumeError(f"{out} holds an experiment with another configuration (fingerprint {old}, now {fp}): "
-                                 "choose another --output (only experiment.arms, seeds and shard may change between runs)")
+            raise CondituneError(
+                f"{out} holds an experiment with another configuration (fingerprint {old}, now {fp}): "
+                "choose another --output (only experiment.arms, seeds and shard may change between runs)"
+            )
     atomic_write_json(info_path, {"fingerprint": fp, "config": to_dict(cfg)})
 
     ran, skipped = [], []
@@ -173,17 +203,37 @@ def _run_one(cfg: ExperimentConfig, out: Path, arm: str, seed: int, plan, texts,
     resume = bool(ckpt.list_checkpoints(train_dir))
     if not resume:
         tc.train.overwrite = True  # a run killed before its first checkpoint starts afresh
-    atomic_write_json(folder / PLAN, {"arm": arm, "seed": seed, "trainable": plan.trainable,
-                                      "expected_llm_params": plan.llm_params, "note": plan.note})
+    atomic_write_json(
+        folder / PLAN,
+        {
+            "arm": arm,
+            "seed": seed,
+            "trainable": plan.trainable,
+            "expected_llm_params": plan.llm_params,
+            "note": plan.note,
+        },
+    )
     log(f"{arm} seed {seed}: {'resuming' if resume else 'training'} ({plan.note})")
     started = time.monotonic()
-    result = train(tc, resume=resume, log=lambda m: log(f"  [{arm}/{seed}] {m}"),
-                   eval_hook=make_hook(cfg, texts, prompts, base, tc.model.llm))
+    result = train(
+        tc,
+        resume=resume,
+        log=lambda m: log(f"  [{arm}/{seed}] {m}"),
+        eval_hook=make_hook(cfg, texts, prompts, base, tc.model.llm),
+    )
     if result.stopped != "max_steps":
-        raise ConditumeError(f"{arm} seed {seed} stopped early ({result.stopped})")
-    atomic_write_json(folder / DONE, {"arm": arm, "seed": seed, "result": result.to_dict(), "note": plan.note,
-                                      "expected_llm_params": plan.llm_params,
-                                      "this_invocation_s": round(time.monotonic() - started, 3),
-                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        raise CondituneError(f"{arm} seed {seed} stopped early ({result.stopped})")
+    atomic_write_json(
+        folder / DONE,
+        {
+            "arm": arm,
+            "seed": seed,
+            "result": result.to_dict(),
+            "note": plan.note,
+            "expected_llm_params": plan.llm_params,
+            "this_invocation_s": round(time.monotonic() - started, 3),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
     if not cfg.experiment.keep_checkpoints:
         shutil.rmtree(ckpt.checkpoints_root(train_dir), ignore_errors=True)

@@ -23,9 +23,13 @@ def plot_scan(records: list[TensorRecord], path: str | Path, title: str = "") ->
     grid = np.full((len(kinds), len(layers) or 1), np.nan)
     for r in layered:  # slices of a stacked tensor: show their median
         i, j = kinds.index(r.kind), layers.index(r.layer)
-        grid[i, j] = np.nanmedian([grid[i, j], math.log10(r.kappa)]) if not np.isnan(grid[i, j]) else math.log10(r.kappa)
+        grid[i, j] = (
+            np.nanmedian([grid[i, j], math.log10(r.kappa)]) if not np.isnan(grid[i, j]) else math.log10(r.kappa)
+        )
 
-    fig, (ax_map, ax_hist) = plt.subplots(1, 2, figsize=(14, max(3.5, 0.45 * len(kinds) + 2)), gridspec_kw={"width_ratios": [3, 1.2]})
+    fig, (ax_map, ax_hist) = plt.subplots(
+        1, 2, figsize=(14, max(3.5, 0.45 * len(kinds) + 2)), gridspec_kw={"width_ratios": [3, 1.2]}
+    )
     image = ax_map.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax_map.set_yticks(range(len(kinds)), kinds, fontsize=8)
     step = max(1, len(layers) // 16)

@@ -11,11 +11,12 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.io import atomic_write
 
 OK, SKIPPED, FLAGGED = "ok", "skipped", "flagged"
@@ -90,14 +91,14 @@ class TensorRecord:
         return row
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "TensorRecord":
+    def from_row(cls, row: dict[str, Any]) -> TensorRecord:
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name == "extra" or f.name not in row:
                 continue
             kwargs[f.name] = _coerce(f.name, row[f.name])
         if "name" not in kwargs:
-            raise ConditumeError("scan file row has no 'name' column")
+            raise CondituneError("scan file row has no 'name' column")
         kwargs.setdefault("shape", ())
         kwargs.setdefault("dtype", "")
         kwargs.setdefault("numel", math.prod(kwargs["shape"]) if kwargs["shape"] else 0)
@@ -122,13 +123,17 @@ def parse_shape(text: Any) -> tuple[int, ...]:
     try:
         return tuple(int(d) for d in text.split("x"))
     except ValueError:
-        raise ConditumeError(f"bad shape {text!r} in scan file (expected like 4096x14336)") from None
+        raise CondituneError(f"bad shape {text!r} in scan file (expected like 4096x14336)") from None
 
 
 def _coerce(name: str, value: Any) -> Any:
     if name == "shape":
         return parse_shape(value)
-    if value is None or (isinstance(value, str) and value == "") or (isinstance(value, float) and math.isnan(value) and name not in _STR_COLUMNS):
+    if (
+        value is None
+        or (isinstance(value, str) and value == "")
+        or (isinstance(value, float) and math.isnan(value) and name not in _STR_COLUMNS)
+    ):
         return "" if name in _STR_COLUMNS else None
     if name in _STR_COLUMNS:
         return str(value)
@@ -168,7 +173,7 @@ def write_records(records: list[TensorRecord], path: str | Path, meta: dict[str,
         with atomic_write(path, "wb") as handle:
             pq.write_table(table, handle)
     else:
-        raise ConditumeError(f"{path}: unknown output format {suffix!r} (use .csv, .json or .parquet)")
+        raise CondituneError(f"{path}: unknown output format {suffix!r} (use .csv, .json or .parquet)")
     return path
 
 
@@ -184,7 +189,7 @@ def read_records(path: str | Path) -> tuple[list[TensorRecord], dict[str, Any]]:
     """Read a scan file written by :func:`write_records` (or by hand with the same columns)."""
     path = Path(path)
     if not path.is_file():
-        raise ConditumeError(f"{path}: scan file not found")
+        raise CondituneError(f"{path}: scan file not found")
     suffix = path.suffix.lower()
     meta: dict[str, Any] = {}
     try:
@@ -208,9 +213,9 @@ def read_records(path: str | Path) -> tuple[list[TensorRecord], dict[str, Any]]:
             raw = (table.schema.metadata or {}).get(b"conditune")
             meta = json.loads(raw) if raw else {}
         else:
-            raise ConditumeError(f"{path}: unknown scan file format {suffix!r} (use .csv, .json or .parquet)")
-    except ConditumeError:
+            raise CondituneError(f"{path}: unknown scan file format {suffix!r} (use .csv, .json or .parquet)")
+    except CondituneError:
         raise
     except Exception as exc:  # corrupt file: say which and why, in one line
-        raise ConditumeError(f"{path}: cannot read scan file ({type(exc).__name__}: {exc})") from exc
+        raise CondituneError(f"{path}: cannot read scan file ({type(exc).__name__}: {exc})") from exc
     return [TensorRecord.from_row(row) for row in rows], meta

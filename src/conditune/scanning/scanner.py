@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -38,9 +38,9 @@ class ScanOptions:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            from conditune.errors import ConditumeError
+            from conditune.errors import CondituneError
 
-            raise ConditumeError("--device cuda asked for, but torch sees no CUDA device")
+            raise CondituneError("--device cuda asked for, but torch sees no CUDA device")
         return self.device
 
     def cache_options(self) -> dict:
@@ -66,14 +66,18 @@ def scan_source(
     bar, or a callable ``(done_cost, total_cost, name)``.
     """
     if spectrum not in ("fast", "full"):
-        from conditune.errors import ConditumeError
+        from conditune.errors import CondituneError
 
-        raise ConditumeError(f"unknown spectrum mode {spectrum!r} (use fast or full)")
+        raise CondituneError(f"unknown spectrum mode {spectrum!r} (use fast or full)")
     options = ScanOptions(spectrum=spectrum, device=device)
     src = open_source(source)
     fingerprint = src.fingerprint()
     infos = [i for i in src.infos() if include is None or include(i.name)]
-    store = ScanCache(cache_key(fingerprint, options.cache_options()), Path(cache_folder) if cache_folder else None) if cache else None
+    store = (
+        ScanCache(cache_key(fingerprint, options.cache_options()), Path(cache_folder) if cache_folder else None)
+        if cache
+        else None
+    )
     done = store.load() if store else {}
 
     rank, world, own_group = _distributed_rank_world()
@@ -83,7 +87,9 @@ def scan_source(
     new = _scan_tensors(src, mine, options, store, _progress_reporter(progress, mine, rank))
     if world > 1:
         new = _gather(new)
-        if own_group:  # a process group left at exit aborts gloo's threads ("terminate called without an active exception")
+        if (
+            own_group
+        ):  # a process group left at exit aborts gloo's threads ("terminate called without an active exception")
             import torch.distributed as dist
 
             dist.destroy_process_group()
@@ -134,7 +140,11 @@ def _needs_work(info: TensorInfo, done: dict[str, TensorRecord]) -> bool:
 
 def _records_for(info: TensorInfo, by_name: dict[str, TensorRecord]) -> list[TensorRecord]:
     if len(info.shape) < 2:
-        return [TensorRecord(info.name, info.shape, info.dtype, info.numel, status=SKIPPED, reason=f"{len(info.shape)}-D tensor")]
+        return [
+            TensorRecord(
+                info.name, info.shape, info.dtype, info.numel, status=SKIPPED, reason=f"{len(info.shape)}-D tensor"
+            )
+        ]
     return [by_name[name] for name in _matrix_names(info) if name in by_name]
 
 
@@ -165,7 +175,9 @@ def assign_work(infos: list[TensorInfo], world: int) -> list[list[TensorInfo]]:
 SMALL_WORK = 2e9
 
 
-def _scan_tensors(src: TensorSource, infos: list[TensorInfo], options: ScanOptions, store: ScanCache | None, report) -> list[TensorRecord]:
+def _scan_tensors(
+    src: TensorSource, infos: list[TensorInfo], options: ScanOptions, store: ScanCache | None, report
+) -> list[TensorRecord]:
     device = options.resolved_device()
     full = options.spectrum == "full"
 
@@ -261,9 +273,11 @@ def _progress_reporter(progress, infos: list[TensorInfo], rank: int):
     total = sum(work_cost(i) for i in infos) or 1.0
     state = {"done": 0.0}
     if callable(progress):
+
         def report(name, cost=None):
             state["done"] += cost or 0.0
             progress(state["done"], total, name)
+
         return report
     if not progress or rank != 0:
         return lambda name, cost=None: None
@@ -292,4 +306,4 @@ def _progress_reporter(progress, infos: list[TensorInfo], rank: int):
 
 
 def _short(name: str, width: int = 40) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    return name if len(name) <= width else "…" + name[-(width - 1) :]

@@ -24,13 +24,13 @@ import os
 import re
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 
 @dataclass(frozen=True)
@@ -66,28 +66,43 @@ class TensorSource(ABC):
 # safetensors
 
 _SAFETENSORS_DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, bytes]:
-    """Parse and validate a safetensors header; a truncated or corrupt file raises ConditumeError."""
+    """Parse and validate a safetensors header; a truncated or corrupt file raises CondituneError."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise ConditumeError(f"{path}: not a safetensors file (too short: {size} bytes)")
+            raise CondituneError(f"{path}: not a safetensors file (too short: {size} bytes)")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(size - 8, 100 * 2**20):
-            raise ConditumeError(f"{path}: corrupt safetensors header (declared length {header_len} bytes, file {size} bytes)")
+            raise CondituneError(
+                f"{path}: corrupt safetensors header (declared length {header_len} bytes, file {size} bytes)"
+            )
         raw = handle.read(header_len)
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConditumeError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+        raise CondituneError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(header, dict):
-        raise ConditumeError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise CondituneError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - header_len
     for name, entry in header.items():
         if name == "__metadata__":
@@ -96,11 +111,15 @@ def read_safetensors_header(path: Path) -> tuple[dict, bytes]:
             start, end = entry["data_offsets"]
             expected = math.prod(entry["shape"]) * _SAFETENSORS_DTYPE_SIZES.get(entry["dtype"], 0)
         except (KeyError, TypeError, ValueError):
-            raise ConditumeError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+            raise CondituneError(f"{path}: corrupt safetensors header entry for {name!r}") from None
         if end > data_size:
-            raise ConditumeError(f"{path}: truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data section")
+            raise CondituneError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} of a {data_size}-byte data section"
+            )
         if expected and end - start != expected:
-            raise ConditumeError(f"{path}: corrupt safetensors entry {name!r}: {end - start} bytes for shape {entry['shape']}")
+            raise CondituneError(
+                f"{path}: corrupt safetensors entry {name!r}: {end - start} bytes for shape {entry['shape']}"
+            )
     return header, raw
 
 
@@ -133,7 +152,7 @@ class SafetensorsSource(TensorSource):
             with self._safe_open(str(path), framework="pt") as handle:
                 return handle.get_tensor(name)
         except Exception as exc:
-            raise ConditumeError(f"{path}: cannot read tensor {name!r} ({exc})") from exc
+            raise CondituneError(f"{path}: cannot read tensor {name!r} ({exc})") from exc
 
     def fingerprint(self) -> str:
         # Headers say which tensors, shapes and dtypes; the first and last 4 KiB of every tensor's
@@ -158,11 +177,11 @@ def _safetensors_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as exc:
-            raise ConditumeError(f"{index}: corrupt index ({exc})") from None
+            raise CondituneError(f"{index}: corrupt index ({exc})") from None
         files = sorted({folder / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise ConditumeError(f"{index}: shard(s) missing: {', '.join(missing)}")
+            raise CondituneError(f"{index}: shard(s) missing: {', '.join(missing)}")
         return files
     return sorted(folder.glob("*.safetensors"))
 
@@ -178,7 +197,9 @@ class TorchStateDictSource(TensorSource):
         self._tensors: dict[str, torch.Tensor] = {}
         for path in files:
             self._tensors.update(_load_state_dict(path))
-        self._infos = [TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in self._tensors.items()]
+        self._infos = [
+            TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in self._tensors.items()
+        ]
 
     def infos(self) -> list[TensorInfo]:
         return self._infos
@@ -198,14 +219,18 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:  # legacy (non-zip) format cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ConditumeError(f"{path}: cannot load state dict safely ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+            raise CondituneError(
+                f"{path}: cannot load state dict safely ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from exc
     except Exception as exc:
-        raise ConditumeError(f"{path}: cannot load state dict safely ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        raise CondituneError(
+            f"{path}: cannot load state dict safely ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from exc
     for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ConditumeError(f"{path}: not a state dict (a {type(obj).__name__})")
+        raise CondituneError(f"{path}: not a state dict (a {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -244,13 +269,13 @@ class GGUFSource(TensorSource):
         try:
             import gguf
         except ImportError:
-            raise ConditumeError("reading .gguf needs the 'gguf' package: pip install gguf") from None
+            raise CondituneError("reading .gguf needs the 'gguf' package: pip install gguf") from None
         self.path = path
         self.description = f"GGUF file {path}"
         try:
             self._reader = gguf.GGUFReader(str(path))
         except Exception as exc:
-            raise ConditumeError(f"{path}: corrupt GGUF file ({type(exc).__name__}: {exc})") from exc
+            raise CondituneError(f"{path}: corrupt GGUF file ({type(exc).__name__}: {exc})") from exc
         self._gguf = gguf
         self._processor, self._name_map, self._parsed = _gguf_name_mapping(path)
         self._tensors = {}
@@ -273,9 +298,13 @@ class GGUFSource(TensorSource):
         try:
             weights = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError:
-            raise ConditumeError(f"{self.path}: tensor {tensor.name!r} uses GGUF quant type {tensor.tensor_type.name}, which gguf cannot dequantise") from None
+            raise CondituneError(
+                f"{self.path}: tensor {tensor.name!r} uses GGUF quant type {tensor.tensor_type.name}, which gguf cannot dequantise"
+            ) from None
         # The same per-tensor fix-ups transformers applies when loading (e.g. Llama q/k un-permute).
-        result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._name_map, parsed_parameters=self._parsed)
+        result = self._processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=self._name_map, parsed_parameters=self._parsed
+        )
         return torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
 
     def fingerprint(self) -> str:
@@ -301,7 +330,7 @@ def _gguf_name_mapping(path: Path):
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
         config = AutoConfig.for_model(**parsed["config"])  # what from_pretrained(gguf_file=) builds
     except Exception as exc:
-        raise ConditumeError(f"{path}: transformers cannot read this GGUF ({type(exc).__name__}: {exc})") from exc
+        raise CondituneError(f"{path}: transformers cannot read this GGUF ({type(exc).__name__}: {exc})") from exc
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     architecture = parsed["config"].get("model_type", "")
@@ -332,7 +361,9 @@ class ModuleSource(TensorSource):
         self.module = module
         self.description = description or f"in-memory {type(module).__name__}"
         self._params = dict(module.named_parameters())  # tied parameters appear once
-        self._infos = [TensorInfo(n, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for n, p in self._params.items()]
+        self._infos = [
+            TensorInfo(n, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for n, p in self._params.items()
+        ]
 
     def infos(self) -> list[TensorInfo]:
         return self._infos
@@ -369,7 +400,7 @@ def open_source(source) -> TensorSource:
         return _open_file(path)
     if _HUB_ID.match(text) and not text.startswith((".", "/")):
         return _open_hub(text)
-    raise ConditumeError(f"{text}: no such file or directory")
+    raise CondituneError(f"{text}: no such file or directory")
 
 
 def _open_file(path: Path) -> TensorSource:
@@ -380,13 +411,17 @@ def _open_file(path: Path) -> TensorSource:
         return GGUFSource(path)
     if suffix in {".bin", ".pt", ".pth"}:
         return TorchStateDictSource([path], f"PyTorch state dict {path}")
-    raise ConditumeError(f"{path}: unknown checkpoint format {suffix!r} (expected .safetensors, .gguf, .bin, .pt or .pth)")
+    raise CondituneError(
+        f"{path}: unknown checkpoint format {suffix!r} (expected .safetensors, .gguf, .bin, .pt or .pth)"
+    )
 
 
 def _open_folder(folder: Path) -> TensorSource:
     files = _safetensors_files(folder)
     if files:
-        return SafetensorsSource(files, f"safetensors folder {folder} ({len(files)} file{'s' if len(files) > 1 else ''})")
+        return SafetensorsSource(
+            files, f"safetensors folder {folder} ({len(files)} file{'s' if len(files) > 1 else ''})"
+        )
     bins = _torch_files(folder)
     if bins:
         return TorchStateDictSource(bins, f"PyTorch folder {folder} ({len(bins)} file{'s' if len(bins) > 1 else ''})")
@@ -394,8 +429,8 @@ def _open_folder(folder: Path) -> TensorSource:
     if len(ggufs) == 1:
         return GGUFSource(ggufs[0])
     if len(ggufs) > 1:
-        raise ConditumeError(f"{folder}: {len(ggufs)} .gguf files; name the one to scan")
-    raise ConditumeError(f"{folder}: no weights found (no .safetensors, pytorch_model*.bin or .gguf)")
+        raise CondituneError(f"{folder}: {len(ggufs)} .gguf files; name the one to scan")
+    raise CondituneError(f"{folder}: no weights found (no .safetensors, pytorch_model*.bin or .gguf)")
 
 
 def _torch_files(folder: Path) -> list[Path]:
@@ -412,7 +447,9 @@ def _open_hub(repo_id: str) -> TensorSource:
 
         folder = snapshot_download(repo_id, allow_patterns=_WEIGHT_PATTERNS)
     except Exception as exc:
-        raise ConditumeError(f"{repo_id}: not a local path, and the hub download failed ({type(exc).__name__})") from exc
+        raise CondituneError(
+            f"{repo_id}: not a local path, and the hub download failed ({type(exc).__name__})"
+        ) from exc
     return _open_folder(Path(folder))
 
 

@@ -163,7 +163,12 @@ def _analyse_cpu(a: TallMatrix, full_spectrum: bool) -> Spectrum:
         sigma_max, _, _, err = estimate
         sigma_min, log2_vol = 1.0 / math.sqrt(bottom.value), float(np.sum(np.log2(np.abs(np.diag(r)))))
         # The operator is exact here (R from a backward-stable QR): the Lanczos residual is the bound.
-        estimate = (sigma_max, sigma_min, log2_vol, {**err, "bound": err["bound"] + 0.5 * bottom.residual, "method": "qr"})
+        estimate = (
+            sigma_max,
+            sigma_min,
+            log2_vol,
+            {**err, "bound": err["bound"] + 0.5 * bottom.residual, "method": "qr"},
+        )
     sigma_max, sigma_min, log2_vol, err = estimate
     if sigma_min <= _tolerance(sigma_max, shape):
         return _svd(a)
@@ -228,7 +233,9 @@ def _refine(a: TallMatrix, v: np.ndarray, relative_gap: float | None) -> tuple[f
     return math.sqrt(theta), 0.5 * residual
 
 
-def spectrum_from_singular_values(s: np.ndarray, shape: tuple[int, int], frob: float, method: str, keep: bool = False) -> Spectrum:
+def spectrum_from_singular_values(
+    s: np.ndarray, shape: tuple[int, int], frob: float, method: str, keep: bool = False
+) -> Spectrum:
     """Summary from a full (float64) singular value list, with numpy's matrix_rank tolerance."""
     s = np.sort(np.asarray(s, dtype=np.float64))[::-1]
     tol = _tolerance(s[0], shape)

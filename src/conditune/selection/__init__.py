@@ -37,10 +37,32 @@ from conditune.selection.policies import (
 _LAZY = {"SelectionCallback", "DeltaTrainer"}
 
 __all__ = [
-    "DEFAULT_COUNT", "FORMATS", "POLICIES", "SCORES", "Candidate", "DeltaTrainer", "Selection", "SelectionCallback",
-    "SelectionReport", "apply_selection", "axolotl_patterns", "format_for", "format_params", "load_delta",
-    "merge_delta", "model_fingerprint", "parameter_name", "parse_params", "peft_targets", "read_delta_meta",
-    "read_names", "render", "save_delta", "select", "trainable_parameters", "write_selection",
+    "DEFAULT_COUNT",
+    "FORMATS",
+    "POLICIES",
+    "SCORES",
+    "Candidate",
+    "DeltaTrainer",
+    "Selection",
+    "SelectionCallback",
+    "SelectionReport",
+    "apply_selection",
+    "axolotl_patterns",
+    "format_for",
+    "format_params",
+    "load_delta",
+    "merge_delta",
+    "model_fingerprint",
+    "parameter_name",
+    "parse_params",
+    "peft_targets",
+    "read_delta_meta",
+    "read_names",
+    "render",
+    "save_delta",
+    "select",
+    "trainable_parameters",
+    "write_selection",
 ]
 
 

@@ -9,12 +9,12 @@ shared tensor, i.e. both; the report says so and counts it once.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.selection.policies import format_params, parameter_name
 
 
@@ -45,8 +45,10 @@ class SelectionReport:
         ]
         lines += [f"tied: {note}" for note in self.tied]
         if self.missing:
-            lines.append(f"not in the model ({len(self.missing)}): {', '.join(self.missing[:10])}"
-                         + (" ..." if len(self.missing) > 10 else ""))
+            lines.append(
+                f"not in the model ({len(self.missing)}): {', '.join(self.missing[:10])}"
+                + (" ..." if len(self.missing) > 10 else "")
+            )
         return "\n".join(lines)
 
 
@@ -57,7 +59,7 @@ def qualify(names: Iterable[str], prefix: str = "") -> list[str]:
     return list(dict.fromkeys(full))
 
 
-def unknown_names_error(missing: list[str], known: Iterable[str], what: str = "the model") -> ConditumeError:
+def unknown_names_error(missing: list[str], known: Iterable[str], what: str = "the model") -> CondituneError:
     """One-line error naming the unknown names, their closest existing names, and a prefix hint."""
     known = list(known)
     shown = []
@@ -66,7 +68,7 @@ def unknown_names_error(missing: list[str], known: Iterable[str], what: str = "t
         shown.append(f"{name} (closest: {', '.join(close)})" if close else name)
     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
     hint = _prefix_hint(missing[0], known)
-    return ConditumeError(f"{len(missing)} name(s) not in {what}: {'; '.join(shown)}{more}{hint}")
+    return CondituneError(f"{len(missing)} name(s) not in {what}: {'; '.join(shown)}{more}{hint}")
 
 
 def _prefix_hint(name: str, known: list[str]) -> str:
@@ -79,13 +81,15 @@ def _prefix_hint(name: str, known: list[str]) -> str:
     return ""
 
 
-def apply_selection(model: torch.nn.Module, names: Iterable[str], prefix: str = "", strict: bool = True) -> SelectionReport:
+def apply_selection(
+    model: torch.nn.Module, names: Iterable[str], prefix: str = "", strict: bool = True
+) -> SelectionReport:
     """Unfreeze the named parameters of ``model`` and freeze all others.
 
     ``names`` are parameter names as written by ``conditune select`` (``name[i]`` slices allowed);
     ``prefix`` is prepended to each, for a model that holds the scanned LLM as a sub-module (e.g.
     ``prefix="llm"`` for a speech model with the LLM at ``model.llm``). Unknown names raise a
-    :class:`ConditumeError` listing close matches, unless ``strict=False`` (then they are reported).
+    :class:`CondituneError` listing close matches, unless ``strict=False`` (then they are reported).
     """
     wanted = qualify(names, prefix)
     by_name = dict(model.named_parameters(remove_duplicate=False))
@@ -97,7 +101,7 @@ def apply_selection(model: torch.nn.Module, names: Iterable[str], prefix: str = 
     for name, param in model.named_parameters():
         train = id(param) in chosen_ids
         if train and not (param.is_floating_point() or param.is_complex()):
-            raise ConditumeError(f"{name} is stored as {param.dtype} (quantized?) and cannot be trained")
+            raise CondituneError(f"{name} is stored as {param.dtype} (quantized?) and cannot be trained")
         param.requires_grad_(train)
 
     unique = list(model.named_parameters())

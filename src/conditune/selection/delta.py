@@ -26,13 +26,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from conditune import __version__
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.io import atomic_write_json
 from conditune.selection.apply import qualify, tied_aliases, unknown_names_error
 
@@ -40,9 +40,19 @@ DELTA_FILE = "delta.safetensors"
 META_FILE = "delta.json"
 FORMAT = "conditune-delta"
 SAMPLE_BYTES = 4096
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                    "preprocessor_config.json", "processor_config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def model_fingerprint(model: torch.nn.Module, exclude: Iterable[str] = ()) -> str:
@@ -103,7 +113,7 @@ def save_delta(
             raise unknown_names_error(missing, by_name)
     wanted = _one_name_per_tensor(wanted, by_name)
     if not wanted:
-        raise ConditumeError("nothing to save: the model has no trainable parameters and no names were given")
+        raise CondituneError("nothing to save: the model has no trainable parameters and no names were given")
 
     aliases = tied_aliases(model)
     tensors = {n: by_name[n].detach().to("cpu").contiguous() for n in wanted}
@@ -160,15 +170,15 @@ def read_delta_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
-        raise ConditumeError(f"{directory}: not a conditune delta (no {META_FILE})")
+        raise CondituneError(f"{directory}: not a conditune delta (no {META_FILE})")
     try:
         meta = json.loads(meta_path.read_text())
     except ValueError as exc:
-        raise ConditumeError(f"{meta_path}: corrupt ({exc})") from None
+        raise CondituneError(f"{meta_path}: corrupt ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("names"), list):
-        raise ConditumeError(f"{meta_path}: not a {FORMAT} description")
+        raise CondituneError(f"{meta_path}: not a {FORMAT} description")
     if not (directory / DELTA_FILE).is_file():
-        raise ConditumeError(f"{directory}: {DELTA_FILE} is missing")
+        raise CondituneError(f"{directory}: {DELTA_FILE} is missing")
     return meta
 
 
@@ -192,13 +202,15 @@ def load_delta(model: torch.nn.Module, directory: str | Path, force: bool = Fals
 
     with safe_open(str(directory / DELTA_FILE), framework="pt", device="cpu") as handle:
         if set(handle.keys()) != set(targets):
-            raise ConditumeError(f"{directory}: {DELTA_FILE} does not hold the tensors {META_FILE} lists")
+            raise CondituneError(f"{directory}: {DELTA_FILE} does not hold the tensors {META_FILE} lists")
         for name, full in targets.items():
             param = by_name[full]
             tensor = handle.get_tensor(name)
             if tuple(tensor.shape) != tuple(param.shape):
-                raise ConditumeError(f"{directory}: {name} has shape {tuple(tensor.shape)} in the delta, "
-                                     f"{tuple(param.shape)} in the model")
+                raise CondituneError(
+                    f"{directory}: {name} has shape {tuple(tensor.shape)} in the delta, "
+                    f"{tuple(param.shape)} in the model"
+                )
             with torch.no_grad():
                 param.copy_(tensor)
     return list(targets.values())
@@ -213,7 +225,7 @@ def _check_base(model: torch.nn.Module, meta: dict, names: list[str], directory:
     if actual == recorded or model_fingerprint(model) == recorded:
         return
     base = meta.get("base_model") or "an unnamed model"
-    raise ConditumeError(
+    raise CondituneError(
         f"{directory}: delta was made for base {base} (fingerprint {recorded[:12]}), this model's is {actual[:12]}; "
         "use force=True (--force) to load it anyway"
     )
@@ -247,11 +259,11 @@ def merge_delta(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConditumeError(f"{out_dir}: exists and is not empty (use overwrite=True / --overwrite)")
+        raise CondituneError(f"{out_dir}: exists and is not empty (use overwrite=True / --overwrite)")
     if base is None:
         base = read_delta_meta(delta_dir).get("base_model")
         if not base:
-            raise ConditumeError(f"{delta_dir}: the delta names no base model; give one")
+            raise CondituneError(f"{delta_dir}: the delta names no base model; give one")
     model = base if isinstance(base, torch.nn.Module) else load_pretrained(base)
     load_delta(model, delta_dir, force=force)
 

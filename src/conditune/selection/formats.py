@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from conditune import __version__
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.io import atomic_write_text
 from conditune.selection.policies import Candidate, Selection, format_params
 
@@ -31,7 +31,7 @@ def format_for(path: str | Path | None, fmt: str | None = None) -> str:
     """The output format: ``fmt`` if given, else from the file extension (names for anything unknown)."""
     if fmt is not None:
         if fmt not in FORMATS:
-            raise ConditumeError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+            raise CondituneError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
         return fmt
     return _BY_SUFFIX.get(Path(path).suffix.lower(), "names") if path is not None else "names"
 
@@ -51,11 +51,13 @@ def render(selection: Selection, fmt: str) -> str:
     if fmt == "axolotl":
         import yaml
 
-        body = yaml.safe_dump({"unfrozen_parameters": axolotl_patterns(selection.names)}, sort_keys=False, width=1 << 16)
+        body = yaml.safe_dump(
+            {"unfrozen_parameters": axolotl_patterns(selection.names)}, sort_keys=False, width=1 << 16
+        )
         return _comment_header(selection) + body
     if fmt == "peft":
         return json.dumps(peft_targets(selection), indent=2) + "\n"
-    raise ConditumeError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    raise CondituneError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
 
 
 def axolotl_patterns(names: list[str]) -> list[str]:
@@ -105,8 +107,15 @@ def _json_document(selection: Selection) -> dict[str, Any]:
         "options": selection.options,
         "names": selection.names,
         "tensors": [
-            {"name": c.name, "kind": c.kind, "layer": c.layer, "numel": c.numel, "shape": list(c.shape),
-             selection.score: c.score, **({"slices": list(c.slices)} if c.slices else {})}
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "layer": c.layer,
+                "numel": c.numel,
+                "shape": list(c.shape),
+                selection.score: c.score,
+                **({"slices": list(c.slices)} if c.slices else {}),
+            }
             for c in selection.chosen
         ],
         "totals": {
@@ -132,7 +141,7 @@ def read_names(path: str | Path) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConditumeError(f"{path}: selection file not found")
+        raise CondituneError(f"{path}: selection file not found")
     text = path.read_text()
     stripped = text.lstrip()
     suffix = path.suffix.lower()
@@ -143,10 +152,10 @@ def read_names(path: str | Path) -> list[str]:
             names = _names_from_axolotl(text)
         else:
             names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    except ConditumeError as exc:
-        raise ConditumeError(f"{path}: {exc}") from None
+    except CondituneError as exc:
+        raise CondituneError(f"{path}: {exc}") from None
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ConditumeError(f"{path}: cannot read selection ({type(exc).__name__}: {exc})") from None
+        raise CondituneError(f"{path}: cannot read selection ({type(exc).__name__}: {exc})") from None
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
@@ -156,13 +165,13 @@ def _names_from_json(data: Any) -> list[str]:
     if "target_modules" in data:  # PEFT
         modules = data.get("target_modules") or []
         if isinstance(modules, str):
-            raise ConditumeError("target_modules is a regex string, not a list of module names")
+            raise CondituneError("target_modules is a regex string, not a list of module names")
         return [f"{m}.weight" for m in modules] + list(data.get("target_parameters") or [])
     if "names" in data:
         return [str(n) for n in data["names"]]
     if "tensors" in data:
         return [str(t["name"]) for t in data["tensors"]]
-    raise ConditumeError("JSON has none of 'names', 'tensors', 'target_modules'")
+    raise CondituneError("JSON has none of 'names', 'tensors', 'target_modules'")
 
 
 def _names_from_axolotl(text: str) -> list[str]:
@@ -171,7 +180,7 @@ def _names_from_axolotl(text: str) -> list[str]:
     data = yaml.safe_load(text) or {}
     patterns = data.get("unfrozen_parameters") if isinstance(data, dict) else None
     if not isinstance(patterns, list):
-        raise ConditumeError("YAML has no 'unfrozen_parameters:' list")
+        raise CondituneError("YAML has no 'unfrozen_parameters:' list")
     return [_literal_from_pattern(str(p)) for p in patterns]
 
 
@@ -187,7 +196,9 @@ def _literal_from_pattern(pattern: str) -> str:
         if ch == "\\":
             out.append(next(chars, ""))
         elif ch in _REGEX_SPECIALS:
-            raise ConditumeError(f"pattern {pattern!r} is a regex, not a parameter name; apply it to a model with re.match")
+            raise CondituneError(
+                f"pattern {pattern!r} is a regex, not a parameter name; apply it to a model with re.match"
+            )
         else:
             out.append(ch)  # an unescaped '.' is read as a literal dot, as Axolotl users write it
     return "".join(out)

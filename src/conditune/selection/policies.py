@@ -30,10 +30,11 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.scanning.records import OK, TensorRecord
 
 POLICIES = ("lowest", "highest", "random", "threshold")
@@ -62,10 +63,12 @@ def parse_params(text: str | int | float) -> int:
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbgt]?)\s*", str(text), re.IGNORECASE)
         if not match:
-            raise ConditumeError(f"bad parameter count {text!r} (expected a number with an optional K/M/B suffix, like 20M)")
+            raise CondituneError(
+                f"bad parameter count {text!r} (expected a number with an optional K/M/B suffix, like 20M)"
+            )
         value = float(match.group(1)) * _SUFFIXES[match.group(2).upper()]
     if not value > 0 or not math.isfinite(value):
-        raise ConditumeError(f"parameter count must be positive, got {text!r}")
+        raise CondituneError(f"parameter count must be positive, got {text!r}")
     return int(value)
 
 
@@ -125,7 +128,9 @@ class Selection:
 
     def describe(self) -> str:
         """One line saying how the tensors were chosen, e.g. ``lowest kappa, count 100``."""
-        parts = [f"{self.policy} {self.score}" if self.policy != "random" else f"random (seed {self.options.get('seed')})"]
+        parts = [
+            f"{self.policy} {self.score}" if self.policy != "random" else f"random (seed {self.options.get('seed')})"
+        ]
         for key in ("count", "budget", "params", "threshold"):
             if self.options.get(key) is not None:
                 parts.append(f"{key} {self.options[key]}")
@@ -176,30 +181,40 @@ def select(
         chosen_names.update(c.name for c in _take(members, quota, by_params=param_limit is not None))
     chosen = [c for c in ranked if c.name in chosen_names]  # one global rank order for the output
     if not chosen:
-        raise ConditumeError(_nothing_selected(policy, score, threshold, param_limit, len(ranked), per_kind))
+        raise CondituneError(_nothing_selected(policy, score, threshold, param_limit, len(ranked), per_kind))
 
-    options = {"count": count, "budget": budget, "params": params, "threshold": threshold, "per_kind": per_kind,
-               "include": include, "exclude": exclude, "seed": seed if policy == "random" else None}
+    options = {
+        "count": count,
+        "budget": budget,
+        "params": params,
+        "threshold": threshold,
+        "per_kind": per_kind,
+        "include": include,
+        "exclude": exclude,
+        "seed": seed if policy == "random" else None,
+    }
     source = {k: (meta or {}).get(k) for k in ("source", "fingerprint") if (meta or {}).get(k) is not None}
     return Selection(chosen, policy, score, model_params, len(ranked), options, source)
 
 
 def _check_options(policy: str, score: str, count, budget, params, threshold) -> None:
     if policy not in POLICIES:
-        raise ConditumeError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+        raise CondituneError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
     if score not in SCORES:
-        raise ConditumeError(f"unknown score {score!r} (choose from {', '.join(SCORES)})")
-    given = [flag for flag, value in (("--count", count), ("--budget", budget), ("--params", params)) if value is not None]
+        raise CondituneError(f"unknown score {score!r} (choose from {', '.join(SCORES)})")
+    given = [
+        flag for flag, value in (("--count", count), ("--budget", budget), ("--params", params)) if value is not None
+    ]
     if len(given) > 1:
-        raise ConditumeError(f"give only one of {', '.join(given)}")
+        raise CondituneError(f"give only one of {', '.join(given)}")
     if count is not None and count <= 0:
-        raise ConditumeError(f"--count must be a positive number of tensors, got {count}")
+        raise CondituneError(f"--count must be a positive number of tensors, got {count}")
     if budget is not None and not 0 < budget <= 1:
-        raise ConditumeError(f"--budget is a fraction of the model's parameters in (0, 1], got {budget}")
+        raise CondituneError(f"--budget is a fraction of the model's parameters in (0, 1], got {budget}")
     if policy == "threshold" and threshold is None:
-        raise ConditumeError("policy 'threshold' needs --threshold T (selects tensors with score <= T)")
+        raise CondituneError("policy 'threshold' needs --threshold T (selects tensors with score <= T)")
     if policy != "threshold" and threshold is not None:
-        raise ConditumeError(f"--threshold only applies to policy 'threshold', not {policy!r}")
+        raise CondituneError(f"--threshold only applies to policy 'threshold', not {policy!r}")
 
 
 def _parameter_sizes(records: Sequence[TensorRecord]) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -230,7 +245,7 @@ def _compile(patterns: list[str], flag: str) -> list[re.Pattern]:
         try:
             compiled.append(re.compile(pattern))
         except re.error as exc:
-            raise ConditumeError(f"{flag} {pattern!r}: not a valid regular expression ({exc})") from None
+            raise CondituneError(f"{flag} {pattern!r}: not a valid regular expression ({exc})") from None
     return compiled
 
 
@@ -256,7 +271,9 @@ def _candidates(records, score, policy, sizes, include, exclude) -> list[Candida
         numel, shape = sizes[base]
         first = entries[0][0]
         slices = tuple(sorted(i for _, i in entries if i is not None))
-        candidates.append(Candidate(base, first.kind, first.layer, numel, shape, best(scores) if scores else None, slices))
+        candidates.append(
+            Candidate(base, first.kind, first.layer, numel, shape, best(scores) if scores else None, slices)
+        )
     return candidates
 
 
@@ -327,5 +344,7 @@ def _nothing_selected(policy, score, threshold, param_limit, n_candidates, per_k
     if policy == "threshold" and param_limit is None:
         return f"no tensor has {score} <= {threshold}"
     where = "its kind's share of " if per_kind else ""
-    return (f"no tensor fits {where}a budget of {format_params(param_limit)} parameters; "
-            "raise --budget/--params or exclude large tensors")
+    return (
+        f"no tensor fits {where}a budget of {format_params(param_limit)} parameters; "
+        "raise --budget/--params or exclude large tensors"
+    )

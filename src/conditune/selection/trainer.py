@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -30,8 +30,14 @@ DELTA_SUBDIR = "conditune_delta"
 class SelectionCallback(TrainerCallback):
     """Apply a selection (names from ``conditune select``) to the Trainer's model; save deltas."""
 
-    def __init__(self, names: Iterable[str], prefix: str = "", strict: bool = True, save_delta: bool = True,
-                 base_reference: str | None = None):
+    def __init__(
+        self,
+        names: Iterable[str],
+        prefix: str = "",
+        strict: bool = True,
+        save_delta: bool = True,
+        base_reference: str | None = None,
+    ):
         self.names = list(names)
         self.prefix = prefix
         self.strict = strict
@@ -58,8 +64,13 @@ class SelectionCallback(TrainerCallback):
         if not self.save_delta or model is None or not args.should_save or self.report is None:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        save_delta(model, checkpoint / DELTA_SUBDIR, names=self.report.trainable,
-                   base_reference=self.base_reference, base_fingerprint=self.base_fingerprint)
+        save_delta(
+            model,
+            checkpoint / DELTA_SUBDIR,
+            names=self.report.trainable,
+            base_reference=self.base_reference,
+            base_fingerprint=self.base_fingerprint,
+        )
 
 
 class DeltaTrainer(Trainer):
@@ -68,12 +79,19 @@ class DeltaTrainer(Trainer):
     >>> trainer = DeltaTrainer(model=model, args=args, train_dataset=ds, selection=read_names("names.txt"))
     """
 
-    def __init__(self, *args, selection: Iterable[str] | None = None, selection_prefix: str = "",
-                 base_reference: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        selection: Iterable[str] | None = None,
+        selection_prefix: str = "",
+        base_reference: str | None = None,
+        **kwargs,
+    ):
         self.selection_callback = None
         if selection is not None:
-            self.selection_callback = SelectionCallback(selection, prefix=selection_prefix, save_delta=False,
-                                                        base_reference=base_reference)
+            self.selection_callback = SelectionCallback(
+                selection, prefix=selection_prefix, save_delta=False, base_reference=base_reference
+            )
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.selection_callback]
         self.base_reference = base_reference
         super().__init__(*args, **kwargs)

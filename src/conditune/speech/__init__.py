@@ -1,8 +1,23 @@
 """Speech LLM: frozen Whisper encoder + trainable adaptor + condition-number-selected LLM tensors."""
 
-from conditune.speech.config import AdaptorConfig, EncoderConfig, LLMConfig, LoRAConfig, SpeechLLMConfig, TrainableConfig
+from conditune.speech.config import (
+    AdaptorConfig,
+    EncoderConfig,
+    LLMConfig,
+    LoRAConfig,
+    SpeechLLMConfig,
+    TrainableConfig,
+)
 
-__all__ = ["AdaptorConfig", "EncoderConfig", "LLMConfig", "LoRAConfig", "SpeechLLMConfig", "TrainableConfig", "SpeechLLM"]
+__all__ = [
+    "AdaptorConfig",
+    "EncoderConfig",
+    "LLMConfig",
+    "LoRAConfig",
+    "SpeechLLM",
+    "SpeechLLMConfig",
+    "TrainableConfig",
+]
 
 
 def __getattr__(name):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 
 ENCODER_BACKENDS = ("hf", "ct2")
 TRAINABLE_MODES = ("names", "none", "all", "lora")
@@ -90,39 +90,45 @@ class SpeechLLMConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SpeechLLMConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SpeechLLMConfig:
         return build_dataclass(cls, data or {}, "model")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "SpeechLLMConfig":
+    def from_json_file(cls, path: str | Path) -> SpeechLLMConfig:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise ConditumeError(f"{path}: no such file") from None
+            raise CondituneError(f"{path}: no such file") from None
         except json.JSONDecodeError as exc:
-            raise ConditumeError(f"{path}: not valid JSON ({exc})") from None
+            raise CondituneError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data)
 
     def validate(self) -> None:
         if self.encoder.backend not in ENCODER_BACKENDS:
-            raise ConditumeError(f"model.encoder.backend must be one of {', '.join(ENCODER_BACKENDS)}, not {self.encoder.backend!r}")
+            raise CondituneError(
+                f"model.encoder.backend must be one of {', '.join(ENCODER_BACKENDS)}, not {self.encoder.backend!r}"
+            )
         if not self.encoder.path:
-            raise ConditumeError("model.encoder.path is not set")
+            raise CondituneError("model.encoder.path is not set")
         if not self.llm.path:
-            raise ConditumeError("model.llm.path is not set")
+            raise CondituneError("model.llm.path is not set")
         if self.trainable.mode not in TRAINABLE_MODES:
-            raise ConditumeError(f"model.trainable.mode must be one of {', '.join(TRAINABLE_MODES)}, not {self.trainable.mode!r}")
+            raise CondituneError(
+                f"model.trainable.mode must be one of {', '.join(TRAINABLE_MODES)}, not {self.trainable.mode!r}"
+            )
         if self.trainable.mode == "names" and not (self.trainable.names_file or self.trainable.names):
-            raise ConditumeError("model.trainable.mode is 'names' but neither names_file nor names is given")
+            raise CondituneError("model.trainable.mode is 'names' but neither names_file nor names is given")
         if self.adaptor.subsample < 1 or self.adaptor.depth < 0 or self.adaptor.heads < 1:
-            raise ConditumeError("model.adaptor: subsample and heads must be >= 1, depth >= 0")
+            raise CondituneError("model.adaptor: subsample and heads must be >= 1, depth >= 0")
         if self.adaptor.ctc_readout not in CTC_READOUTS:
-            raise ConditumeError(f"model.adaptor.ctc_readout must be one of {', '.join(CTC_READOUTS)}, not {self.adaptor.ctc_readout!r}")
+            raise CondituneError(
+                f"model.adaptor.ctc_readout must be one of {', '.join(CTC_READOUTS)}, not {self.adaptor.ctc_readout!r}"
+            )
         if self.adaptor.ctc_readout == "embeddings" and not self.adaptor.ctc_compress:
-            raise ConditumeError("model.adaptor.ctc_readout 'embeddings' needs model.adaptor.ctc_compress: true")
+            raise CondituneError("model.adaptor.ctc_readout 'embeddings' needs model.adaptor.ctc_compress: true")
 
 
 def build_dataclass(cls, data: Any, where: str, registry: dict | None = None):
@@ -130,17 +136,21 @@ def build_dataclass(cls, data: Any, where: str, registry: dict | None = None):
     if data is None:
         return cls()
     if not isinstance(data, dict):
-        raise ConditumeError(f"{where} must be a mapping, got {type(data).__name__}")
+        raise CondituneError(f"{where} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConditumeError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(fields)})")
+        raise CondituneError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(fields)})")
     kwargs = {}
     for name, value in data.items():
         ftype = fields[name].type
         reg = registry or _DATACLASSES
         sub = reg.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[name] = build_dataclass(sub, value, f"{where}.{name}", reg) if sub is not None else coerce(value, ftype, f"{where}.{name}")
+        kwargs[name] = (
+            build_dataclass(sub, value, f"{where}.{name}", reg)
+            if sub is not None
+            else coerce(value, ftype, f"{where}.{name}")
+        )
     return cls(**kwargs)
 
 
@@ -160,14 +170,14 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         if "float" in kinds:
             return float(value)
     except ValueError:
-        raise ConditumeError(f"{where} must be a number, not {value!r}") from None
+        raise CondituneError(f"{where} must be a number, not {value!r}") from None
     if "bool" in kinds:
         low = value.strip().lower()
         if low in ("true", "yes", "on", "1"):
             return True
         if low in ("false", "no", "off", "0"):
             return False
-        raise ConditumeError(f"{where} must be true or false, not {value!r}")
+        raise CondituneError(f"{where} must be true or false, not {value!r}")
     return value
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.speech.config import EncoderConfig
 
 SAMPLE_RATE = 16000
@@ -81,14 +81,16 @@ class SpeechEncoder:
     def identity(self) -> str:
         """Stable id of this encoder's weights and settings (for the feature cache)."""
         digest = hashlib.sha256()
-        digest.update(f"{self.backend}|{self.config.max_seconds}|{self.config.bucket_seconds}|{self.config.compute_type if self.backend == 'ct2' else ''}".encode())
+        digest.update(
+            f"{self.backend}|{self.config.max_seconds}|{self.config.bucket_seconds}|{self.config.compute_type if self.backend == 'ct2' else ''}".encode()
+        )
         for item in sorted(self.path.iterdir()) if self.path.is_dir() else [self.path]:
             if item.is_file() and item.suffix in (".json", ".bin", ".safetensors"):
                 digest.update(item.name.encode())
                 digest.update(_quick_file_hash(item).encode())
         return f"{self.backend}-{digest.hexdigest()[:16]}"
 
-    def to(self, device) -> "SpeechEncoder":
+    def to(self, device) -> SpeechEncoder:
         return self
 
     @torch.no_grad()
@@ -104,7 +106,9 @@ class SpeechEncoder:
                 wav = np.pad(wav, (0, bucket - wav.size % bucket))  # silence, as Whisper's own 30 s padding
             mel = self.mel(wav)
             if mel.shape[1] > self.max_mel_frames:
-                warnings.warn(f"audio longer than {self.config.max_seconds:g} s truncated for the encoder", stacklevel=2)
+                warnings.warn(
+                    f"audio longer than {self.config.max_seconds:g} s truncated for the encoder", stacklevel=2
+                )
                 mel = mel[:, : self.max_mel_frames]
                 real_mel = min(real_mel, self.max_mel_frames)
             mels.append(mel)
@@ -135,11 +139,11 @@ class HFWhisperEncoder(SpeechEncoder):
         from transformers import WhisperModel
 
         if not (self.path / "config.json").is_file():
-            raise ConditumeError(f"{self.path}: not a transformers Whisper folder (no config.json)")
+            raise CondituneError(f"{self.path}: not a transformers Whisper folder (no config.json)")
         try:
             model = WhisperModel.from_pretrained(str(self.path), dtype=torch.float32)
         except Exception as exc:  # noqa: BLE001 - loader errors are user errors here
-            raise ConditumeError(f"cannot load Whisper encoder from {self.path}: {exc}") from None
+            raise CondituneError(f"cannot load Whisper encoder from {self.path}: {exc}") from None
         self.module = model.get_encoder().eval()
         del model
         self.module.requires_grad_(False)
@@ -149,7 +153,7 @@ class HFWhisperEncoder(SpeechEncoder):
         self.n_mels = self.module.config.num_mel_bins
         self.max_mel_frames = min(self.max_mel_frames, 2 * self.module.config.max_source_positions)
 
-    def to(self, device) -> "HFWhisperEncoder":
+    def to(self, device) -> HFWhisperEncoder:
         self.device = torch.device(device)
         self.module.to(self.device)
         return self
@@ -175,9 +179,9 @@ class CT2WhisperEncoder(SpeechEncoder):
         try:
             import ctranslate2
         except ImportError:
-            raise ConditumeError("the ct2 encoder back-end needs ctranslate2 (pip install ctranslate2)") from None
+            raise CondituneError("the ct2 encoder back-end needs ctranslate2 (pip install ctranslate2)") from None
         if not (self.path / "model.bin").is_file():
-            raise ConditumeError(f"{self.path}: not a CTranslate2 Whisper folder (no model.bin)")
+            raise CondituneError(f"{self.path}: not a CTranslate2 Whisper folder (no model.bin)")
         self._ct2 = ctranslate2
         kwargs = {"device": config.device, "compute_type": config.compute_type}
         if config.threads:
@@ -185,12 +189,14 @@ class CT2WhisperEncoder(SpeechEncoder):
         try:
             self.model = ctranslate2.models.Whisper(str(self.path), **kwargs)
         except Exception as exc:  # noqa: BLE001
-            raise ConditumeError(f"cannot load CTranslate2 Whisper from {self.path}: {exc}") from None
+            raise CondituneError(f"cannot load CTranslate2 Whisper from {self.path}: {exc}") from None
         self.n_mels = int(self.model.n_mels)
         self.dim = _ct2_dim(self.path, self)
 
     def _encode_mels(self, mels: np.ndarray) -> np.ndarray:
-        out = self.model.encode(self._ct2.StorageView.from_array(np.ascontiguousarray(mels, dtype=np.float32)), to_cpu=True)
+        out = self.model.encode(
+            self._ct2.StorageView.from_array(np.ascontiguousarray(mels, dtype=np.float32)), to_cpu=True
+        )
         return np.array(out, dtype=np.float32)
 
 
@@ -208,12 +214,12 @@ def build_encoder(config: EncoderConfig) -> SpeechEncoder:
     config = replace(config, path=resolve_path(config.path))
     path = Path(config.path)
     if not path.exists():
-        raise ConditumeError(f"encoder path {path} does not exist")
+        raise CondituneError(f"encoder path {path} does not exist")
     if config.backend == "hf":
         return HFWhisperEncoder(config)
     if config.backend == "ct2":
         return CT2WhisperEncoder(config)
-    raise ConditumeError(f"unknown encoder backend {config.backend!r} (use hf or ct2)")
+    raise CondituneError(f"unknown encoder backend {config.backend!r} (use hf or ct2)")
 
 
 def _quick_file_hash(path: Path, block: int = 1 << 20) -> str:

@@ -7,8 +7,8 @@ so a killed run never leaves a half-written entry; a later epoch or run skips th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,14 @@ def _fingerprint(path) -> str:
 class FeatureCache:
     """Encoder outputs for audio files, from disk when cached (``root=None``: memory only)."""
 
-    def __init__(self, encoder: SpeechEncoder, root: str | Path | None = None, *, memory: bool = True,
-                 load_audio: Callable | None = None):
+    def __init__(
+        self,
+        encoder: SpeechEncoder,
+        root: str | Path | None = None,
+        *,
+        memory: bool = True,
+        load_audio: Callable | None = None,
+    ):
         self.encoder = encoder
         self.root = Path(root) / encoder.identity if root is not None else None
         self.memory: dict[str, torch.Tensor] | None = {} if memory else None
@@ -109,14 +115,20 @@ class FeatureCache:
                 return None
         return None
 
-    def prepare(self, paths: Sequence[str | Path], *, strict: bool = False, batch_size: int = 16,
-                progress: Callable[[int], None] | None = None) -> tuple[dict[int, int], list[tuple[int, str]]]:
+    def prepare(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        strict: bool = False,
+        batch_size: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[dict[int, int], list[tuple[int, str]]]:
         """Make sure every file is encoded and cached.
 
         Returns ``({index: frames}, [(index, reason), ...])``: files that cannot be read or decoded are
         skipped and reported (``strict``: the first one raises its :class:`AudioError`).
         """
-        from conditune.errors import ConditumeError
+        from conditune.errors import CondituneError
 
         lengths: dict[int, int] = {}
         bad: list[tuple[int, str]] = []
@@ -145,7 +157,7 @@ class FeatureCache:
                         progress(1)
                     continue
                 pending.append((i, self._load_audio(path)))
-            except ConditumeError as exc:  # AudioError and friends
+            except CondituneError as exc:  # AudioError and friends
                 if strict:
                     raise
                 bad.append((i, str(exc)))
@@ -157,7 +169,9 @@ class FeatureCache:
         flush()
         return lengths, bad
 
-    def warm(self, paths: Sequence[str | Path], batch_size: int = 16, progress: Callable[[int], None] | None = None) -> None:
+    def warm(
+        self, paths: Sequence[str | Path], batch_size: int = 16, progress: Callable[[int], None] | None = None
+    ) -> None:
         """Encode every file not yet cached (in batches); ``progress(n)`` after each batch."""
         todo = [p for p in paths if self._lookup(self.fingerprint(p)) is None]
         for start in range(0, len(todo), batch_size):

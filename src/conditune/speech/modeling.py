@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.io import atomic_write, atomic_write_text
 from conditune.speech.adaptor import AudioAdaptor
 from conditune.speech.config import SpeechLLMConfig
@@ -68,7 +68,7 @@ def resolve_path(path: str) -> str:
     if isinstance(path, str) and path.startswith("demo:"):
         from conditune import models
 
-        return str(models.fetch(path[len("demo:"):], log=lambda msg: None))
+        return str(models.fetch(path[len("demo:") :], log=lambda msg: None))
     return path
 
 
@@ -87,18 +87,20 @@ def load_llm(cfg) -> nn.Module:
 
     path, gguf = _split_gguf(cfg.path, cfg.gguf_file)
     if not Path(path).exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise ConditumeError(f"LLM path {cfg.path} does not exist")
+        raise CondituneError(f"LLM path {cfg.path} does not exist")
     try:
         dtype = getattr(torch, cfg.dtype)
     except AttributeError:
-        raise ConditumeError(f"unknown dtype {cfg.dtype!r} for model.llm.dtype") from None
+        raise CondituneError(f"unknown dtype {cfg.dtype!r} for model.llm.dtype") from None
     kwargs = {"dtype": dtype}
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ConditumeError(f"cannot load LLM from {cfg.path}{' / ' + gguf if gguf else ''}: {str(exc).splitlines()[0]}") from None
+        raise CondituneError(
+            f"cannot load LLM from {cfg.path}{' / ' + gguf if gguf else ''}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def load_tokenizer(cfg):
@@ -111,7 +113,7 @@ def load_tokenizer(cfg):
     try:
         return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as exc:
-        raise ConditumeError(f"cannot load tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+        raise CondituneError(f"cannot load tokenizer from {path}: {str(exc).splitlines()[0]}") from None
 
 
 def apply_trainable(llm: nn.Module, config: SpeechLLMConfig, *, for_training: bool = True) -> nn.Module:
@@ -127,9 +129,16 @@ def apply_trainable(llm: nn.Module, config: SpeechLLMConfig, *, for_training: bo
         from peft import LoraConfig, get_peft_model
 
         lc = config.trainable.lora
-        peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
-                              task_type="CAUSAL_LM", bias="none", rank_pattern=dict(lc.rank_pattern or {}),
-                              alpha_pattern=dict(lc.alpha_pattern or {}))
+        peft_cfg = LoraConfig(
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            target_modules=list(lc.target_modules),
+            task_type="CAUSAL_LM",
+            bias="none",
+            rank_pattern=dict(lc.rank_pattern or {}),
+            alpha_pattern=dict(lc.alpha_pattern or {}),
+        )
         try:
             # LoRA's own initialisation must not shift the global RNG: the adaptor built next (and the
             # dropout masks of training) then start from the same state whatever the trainable mode,
@@ -137,7 +146,7 @@ def apply_trainable(llm: nn.Module, config: SpeechLLMConfig, *, for_training: bo
             with torch.random.fork_rng(devices=[]):
                 return get_peft_model(llm, peft_cfg)
         except ValueError as exc:
-            raise ConditumeError(f"LoRA: {str(exc).splitlines()[0]}") from None
+            raise CondituneError(f"LoRA: {str(exc).splitlines()[0]}") from None
     if mode == "names":
         if not for_training:
             return llm  # inference: the delta carries the trained values; nothing needs gradients
@@ -152,7 +161,7 @@ def apply_trainable(llm: nn.Module, config: SpeechLLMConfig, *, for_training: bo
             names += read_names(config.trainable.names_file)
         apply_selection(llm, names, prefix="", strict=True)
         return llm
-    raise ConditumeError(f"unknown trainable mode {mode!r}")
+    raise CondituneError(f"unknown trainable mode {mode!r}")
 
 
 def new_adaptor(encoder_dim: int, core_llm: nn.Module, config: SpeechLLMConfig) -> AudioAdaptor:
@@ -175,32 +184,48 @@ def _core(llm: nn.Module) -> nn.Module:
 class SpeechLLM(nn.Module):
     """Frozen encoder (not a sub-module: it is never saved or trained) + adaptor + LLM."""
 
-    def __init__(self, config: SpeechLLMConfig, encoder: SpeechEncoder | None, llm: nn.Module, tokenizer,
-                 adaptor: AudioAdaptor | None = None):
+    def __init__(
+        self,
+        config: SpeechLLMConfig,
+        encoder: SpeechEncoder | None,
+        llm: nn.Module,
+        tokenizer,
+        adaptor: AudioAdaptor | None = None,
+    ):
         super().__init__()
         self.config = config
         object.__setattr__(self, "encoder", encoder)  # plain attribute: not in state_dict / parameters()
         self.tokenizer = tokenizer
         self.llm = llm
         core = _core(llm)
-        hidden = core.get_input_embeddings().embedding_dim
         if adaptor is None:
             if encoder is None:
                 raise ValueError("need an encoder (for its dimension) or a ready adaptor")
             adaptor = new_adaptor(encoder.dim, core, config)
         self.adaptor = adaptor
-        self.bos_token_id = _first_id(config.llm.bos_token_id, getattr(tokenizer, "bos_token_id", None), core.config.bos_token_id)
-        self.eos_token_id = _first_id(config.llm.eos_token_id, getattr(tokenizer, "eos_token_id", None), core.config.eos_token_id)
+        self.bos_token_id = _first_id(
+            config.llm.bos_token_id, getattr(tokenizer, "bos_token_id", None), core.config.bos_token_id
+        )
+        self.eos_token_id = _first_id(
+            config.llm.eos_token_id, getattr(tokenizer, "eos_token_id", None), core.config.eos_token_id
+        )
         if self.bos_token_id is None or self.eos_token_id is None:
-            raise ConditumeError("the LLM has no BOS/EOS token id: set model.llm.bos_token_id and eos_token_id")
+            raise CondituneError("the LLM has no BOS/EOS token id: set model.llm.bos_token_id and eos_token_id")
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else self.eos_token_id
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def build(cls, config: SpeechLLMConfig, *, encoder: SpeechEncoder | None = None, for_training: bool = True,
-              load_encoder: bool = True, encoder_dim: int | None = None) -> "SpeechLLM":
+    def build(
+        cls,
+        config: SpeechLLMConfig,
+        *,
+        encoder: SpeechEncoder | None = None,
+        for_training: bool = True,
+        load_encoder: bool = True,
+        encoder_dim: int | None = None,
+    ) -> SpeechLLM:
         """Load encoder, LLM and tokenizer as ``config`` says; a fresh adaptor.
 
         ``load_encoder=False`` skips the encoder (text-only use of the LLM, or features from a cache);
@@ -215,7 +240,7 @@ class SpeechLLM(nn.Module):
         adaptor = None
         if encoder is None:
             if encoder_dim is None:
-                raise ConditumeError("building a SpeechLLM without its encoder needs encoder_dim")
+                raise CondituneError("building a SpeechLLM without its encoder needs encoder_dim")
             adaptor = new_adaptor(encoder_dim, _core(llm), config)
         return cls(config, encoder, llm, tokenizer, adaptor=adaptor)
 
@@ -246,7 +271,9 @@ class SpeechLLM(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.core_llm.get_input_embeddings()(ids)
 
-    def build_inputs(self, audio: torch.Tensor, audio_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> SpeechBatch:
+    def build_inputs(
+        self, audio: torch.Tensor, audio_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]]
+    ) -> SpeechBatch:
         """Right-padded ``[audio, BOS, text, EOS]`` sequences with aligned labels (see module docstring)."""
         device = audio.device
         emb_layer = self.core_llm.get_input_embeddings()
@@ -273,8 +300,15 @@ class SpeechLLM(nn.Module):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return SpeechBatch(embeds, mask, positions, label_t, audio_lengths)
 
-    def forward(self, frames: torch.Tensor, frame_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]], *,
-                ctc_weight: float = 0.0, run_llm: bool = True) -> SpeechOutput:
+    def forward(
+        self,
+        frames: torch.Tensor,
+        frame_lengths: torch.Tensor,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        ctc_weight: float = 0.0,
+        run_llm: bool = True,
+    ) -> SpeechOutput:
         """Loss of a batch. ``run_llm=False`` is the alignment stage: the CTC loss alone, the LLM is not run."""
         device = self.device
         audio, audio_lengths = self.adaptor(frames.to(device), frame_lengths.to(device))
@@ -347,7 +381,9 @@ class SpeechLLM(nn.Module):
         new_lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long, device=audio.device)
         return nn.utils.rnn.pad_sequence(rows, batch_first=True), new_lengths
 
-    def ctc_loss(self, audio: torch.Tensor, audio_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    def ctc_loss(
+        self, audio: torch.Tensor, audio_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
         """CTC of the text tokens against the adaptor outputs (mean over the batch of per-token losses)."""
         logits, columns = self.ctc_logits(audio)
         log_probs = logits.log_softmax(-1).transpose(0, 1)  # [T, B, V' + 1]
@@ -357,12 +393,19 @@ class SpeechLLM(nn.Module):
             columns = columns.to(audio.device)
             found = torch.searchsorted(columns, targets).clamp(max=len(columns) - 1)
             if not bool((columns[found] == targets).all()):
-                raise ConditumeError("a transcript token is missing from the CTC vocabulary (set_ctc_vocabulary)")
+                raise CondituneError("a transcript token is missing from the CTC vocabulary (set_ctc_vocabulary)")
             targets = found
         target_lengths = torch.tensor([len(seq) for seq in token_ids], dtype=torch.long, device=audio.device)
         # zero_infinity: an utterance with more tokens than positions contributes nothing instead of inf
-        return nn.functional.ctc_loss(log_probs, targets, audio_lengths.to(audio.device), target_lengths, blank=blank,
-                                      reduction="mean", zero_infinity=True)
+        return nn.functional.ctc_loss(
+            log_probs,
+            targets,
+            audio_lengths.to(audio.device),
+            target_lengths,
+            blank=blank,
+            reduction="mean",
+            zero_infinity=True,
+        )
 
     @torch.no_grad()
     def ctc_transcribe(self, frames: torch.Tensor, frame_lengths: torch.Tensor) -> list[str]:
@@ -385,8 +428,12 @@ class SpeechLLM(nn.Module):
     def loss_from_batch(self, batch: SpeechBatch) -> SpeechOutput:
         core = self.core_llm
         body = getattr(core, core.base_model_prefix)
-        out = body(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False)
+        out = body(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         where = batch.labels != IGNORE_INDEX
         targets = batch.labels[where]
@@ -404,7 +451,7 @@ class SpeechLLM(nn.Module):
         if feature_cache is not None and all(isinstance(x, (str, Path)) for x in inputs):
             return pad_frames(feature_cache.get(list(inputs)))
         if self.encoder is None:
-            raise ConditumeError("this SpeechLLM was built without an encoder")
+            raise CondituneError("this SpeechLLM was built without an encoder")
         waves = []
         for x in inputs:
             if isinstance(x, (str, Path)):
@@ -424,8 +471,9 @@ class SpeechLLM(nn.Module):
         return [math.ceil(1.5 * int(n)) + 4 for n in audio_lengths]
 
     @torch.no_grad()
-    def generate_ids_from_frames(self, frames: torch.Tensor, frame_lengths: torch.Tensor, *, num_beams: int = 1,
-                                 max_new_tokens: int = 128) -> list[list[int]]:
+    def generate_ids_from_frames(
+        self, frames: torch.Tensor, frame_lengths: torch.Tensor, *, num_beams: int = 1, max_new_tokens: int = 128
+    ) -> list[list[int]]:
         """Generated token ids per utterance, cut at EOS (and at :meth:`transcript_token_cap`)."""
         from transformers import GenerationConfig
 
@@ -447,9 +495,14 @@ class SpeechLLM(nn.Module):
                 embeds[b, total - n : total - 1] = audio[b, : n - 1].to(dtype)
                 embeds[b, total - 1] = bos[0]
                 mask[b, total - n :] = 1
-            gen_cfg = GenerationConfig(max_new_tokens=max(caps), num_beams=num_beams, do_sample=False,
-                                       eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                                       bos_token_id=self.bos_token_id)
+            gen_cfg = GenerationConfig(
+                max_new_tokens=max(caps),
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                bos_token_id=self.bos_token_id,
+            )
             out = self.core_llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen_cfg)
             rows = []
             for row, cap in zip(out.tolist(), caps):
@@ -460,13 +513,15 @@ class SpeechLLM(nn.Module):
         finally:
             self.train(was_training)
 
-    def generate_from_frames(self, frames: torch.Tensor, frame_lengths: torch.Tensor, *, num_beams: int = 1,
-                             max_new_tokens: int = 128) -> list[str]:
+    def generate_from_frames(
+        self, frames: torch.Tensor, frame_lengths: torch.Tensor, *, num_beams: int = 1, max_new_tokens: int = 128
+    ) -> list[str]:
         rows = self.generate_ids_from_frames(frames, frame_lengths, num_beams=num_beams, max_new_tokens=max_new_tokens)
         return [self.decode_tokens(row) for row in rows]
 
-    def transcribe(self, inputs: Sequence, batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 128,
-                   feature_cache=None) -> list[str]:
+    def transcribe(
+        self, inputs: Sequence, batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 128, feature_cache=None
+    ) -> list[str]:
         """Transcribe audio files or 16 kHz waveforms (greedy when ``num_beams == 1``, else beam search)."""
         items = list(inputs)
         results: list[str] = []
@@ -491,8 +546,13 @@ class SpeechLLM(nn.Module):
             cfg["llm"]["path"] = str(llm_path.resolve())
         if cfg["trainable"]["names_file"] and Path(cfg["trainable"]["names_file"]).exists():
             cfg["trainable"]["names_file"] = str(Path(cfg["trainable"]["names_file"]).resolve())
-        meta = {"conditune_speech_llm": 1, "encoder_dim": self.adaptor.encoder_dim, "llm_dim": self.adaptor.llm_dim,
-                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        meta = {
+            "conditune_speech_llm": 1,
+            "encoder_dim": self.adaptor.encoder_dim,
+            "llm_dim": self.adaptor.llm_dim,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
         atomic_write_text(directory / CONFIG_NAME, json.dumps({**cfg, "_meta": meta}, indent=2) + "\n")
         state = {k: v.detach().cpu().contiguous() for k, v in self.adaptor.state_dict().items()}
         with atomic_write(directory / ADAPTOR_NAME, "wb") as handle:
@@ -505,14 +565,26 @@ class SpeechLLM(nn.Module):
             save_delta(self.llm, directory / DELTA_DIR, names=names, base_reference=_base_reference(self.config))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, encoder: SpeechEncoder | None = None, load_encoder: bool = True,
-                        for_training: bool = False, device: str | torch.device | None = None,
-                        overrides: dict | None = None) -> "SpeechLLM":
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        encoder: SpeechEncoder | None = None,
+        load_encoder: bool = True,
+        for_training: bool = False,
+        device: str | torch.device | None = None,
+        overrides: dict | None = None,
+    ) -> SpeechLLM:
         directory = Path(directory)
         config = read_config(directory, overrides)
         meta = json.loads((directory / CONFIG_NAME).read_text()).get("_meta", {})
-        model = cls.build(config, encoder=encoder, for_training=for_training, load_encoder=load_encoder,
-                          encoder_dim=meta.get("encoder_dim"))
+        model = cls.build(
+            config,
+            encoder=encoder,
+            for_training=for_training,
+            load_encoder=load_encoder,
+            encoder_dim=meta.get("encoder_dim"),
+        )
         model.load_trained_state(directory)
         if device is not None:
             model.to(device)
@@ -528,16 +600,20 @@ class SpeechLLM(nn.Module):
         try:
             state = load_file(str(directory / ADAPTOR_NAME))
         except FileNotFoundError:
-            raise ConditumeError(f"{directory}: no {ADAPTOR_NAME} (not a conditune speech model)") from None
+            raise CondituneError(f"{directory}: no {ADAPTOR_NAME} (not a conditune speech model)") from None
         except Exception as exc:  # noqa: BLE001
-            raise ConditumeError(f"{directory / ADAPTOR_NAME}: unreadable ({exc})") from None
+            raise CondituneError(f"{directory / ADAPTOR_NAME}: unreadable ({exc})") from None
         # the CTC vocabulary buffer: its size is that of the saved run (absent before 2026-12-02: every token)
         state.setdefault("ctc_vocabulary", torch.zeros(0, dtype=torch.long))
-        self.adaptor.ctc_vocabulary = torch.zeros_like(state["ctc_vocabulary"], device=self.adaptor.ctc_vocabulary.device)
+        self.adaptor.ctc_vocabulary = torch.zeros_like(
+            state["ctc_vocabulary"], device=self.adaptor.ctc_vocabulary.device
+        )
         try:
             self.adaptor.load_state_dict(state)
         except RuntimeError as exc:
-            raise ConditumeError(f"{directory / ADAPTOR_NAME} does not fit this configuration: {str(exc).splitlines()[0]}") from None
+            raise CondituneError(
+                f"{directory / ADAPTOR_NAME} does not fit this configuration: {str(exc).splitlines()[0]}"
+            ) from None
         if (directory / DELTA_DIR).exists():
             from conditune.selection.delta import load_delta
 
@@ -548,11 +624,11 @@ def read_config(directory: str | Path, overrides: dict | None = None) -> SpeechL
     directory = Path(directory)
     file = directory / CONFIG_NAME
     if not file.is_file():
-        raise ConditumeError(f"{directory}: no {CONFIG_NAME} (not a conditune speech model or checkpoint)")
+        raise CondituneError(f"{directory}: no {CONFIG_NAME} (not a conditune speech model or checkpoint)")
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ConditumeError(f"{file}: not valid JSON ({exc})") from None
+        raise CondituneError(f"{file}: not valid JSON ({exc})") from None
     data.pop("_meta", None)
     for key, value in (overrides or {}).items():
         node = data

@@ -22,9 +22,9 @@ from conditune.theory.estimators import (
     kl_entropy_bits,
 )
 from conditune.theory.quantities import (
+    effective_rank,
     entropy_bits,
     entropy_deficit_bits,
-    effective_rank,
     is_output_degenerate,
     kappa_random,
     log2_volume,
@@ -37,9 +37,9 @@ __all__ = [
     "EntropyEstimate",
     "UnitReport",
     "as_matrix",
+    "effective_rank",
     "entropy_bits",
     "entropy_deficit_bits",
-    "effective_rank",
     "estimate_entropy",
     "estimate_output_entropy",
     "image_basis",

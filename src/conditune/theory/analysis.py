@@ -99,7 +99,9 @@ class UnitReport:
         return row
 
 
-def unit_report(weight_or_singular_values: Any, shape: tuple[int, int] | None = None, sigma_x: float = 1.0) -> UnitReport:
+def unit_report(
+    weight_or_singular_values: Any, shape: tuple[int, int] | None = None, sigma_x: float = 1.0
+) -> UnitReport:
     """Closed-form report for a weight matrix, or for its singular values plus ``shape``.
 
     >>> r = unit_report(np.diag([4.0, 1.0]))
@@ -112,7 +114,9 @@ def unit_report(weight_or_singular_values: Any, shape: tuple[int, int] | None = 
             raise ValueError("pass the matrix shape (m, n) together with its singular values")
         s = values
         if s.size != min(shape) or np.any(s < 0) or not np.all(np.isfinite(s)):
-            raise ValueError(f"expected {min(shape)} finite non-negative singular values for shape {tuple(shape)}, got {s.size}")
+            raise ValueError(
+                f"expected {min(shape)} finite non-negative singular values for shape {tuple(shape)}, got {s.size}"
+            )
     else:
         matrix = as_matrix(values)
         if shape is not None and tuple(shape) != matrix.shape:
@@ -130,7 +134,9 @@ def _report_from_spectrum(s: np.ndarray, shape: tuple[int, int], sigma_x: float)
     kappa_mp = kappa_random(shape)
     if rank == 0:  # the zero matrix maps everything to one point: no volume, no entropy
         nan = float("nan")
-        return UnitReport(shape, sigma_x, 0, True, 0.0, 0.0, nan, 0.0, -math.inf, -math.inf, -math.inf, nan, kappa_mp, nan)
+        return UnitReport(
+            shape, sigma_x, 0, True, 0.0, 0.0, nan, 0.0, -math.inf, -math.inf, -math.inf, nan, kappa_mp, nan
+        )
     nonzero = s[:rank]
     log_vol = log2_volume(nonzero)
     kappa = float(nonzero[0] / nonzero[-1])

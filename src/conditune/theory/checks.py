@@ -138,18 +138,20 @@ def check_scale_invariance(rng: np.random.Generator, kl: KLSettings = KLSettings
         for c in SCALES:
             scaled = unit_report(c * weight)
             expected_shift = base.rank * math.log2(abs(c))
-            rows.append({
-                "case": label,
-                "c": c,
-                "rank": base.rank,
-                "kappa": base.kappa,
-                "kappa_rel_change": abs(scaled.kappa / base.kappa - 1.0),
-                "log2_volume_shift": scaled.log2_volume - base.log2_volume,
-                "expected_shift": expected_shift,
-                "shift_error": abs(scaled.log2_volume - base.log2_volume - expected_shift),
-                "deficit_change": abs(scaled.entropy_deficit_bits - base.entropy_deficit_bits),
-                "rank_kept": scaled.rank == base.rank,
-            })
+            rows.append(
+                {
+                    "case": label,
+                    "c": c,
+                    "rank": base.rank,
+                    "kappa": base.kappa,
+                    "kappa_rel_change": abs(scaled.kappa / base.kappa - 1.0),
+                    "log2_volume_shift": scaled.log2_volume - base.log2_volume,
+                    "expected_shift": expected_shift,
+                    "shift_error": abs(scaled.log2_volume - base.log2_volume - expected_shift),
+                    "deficit_change": abs(scaled.entropy_deficit_bits - base.entropy_deficit_bits),
+                    "rank_kept": scaled.rank == base.rank,
+                }
+            )
     worst_kappa = max(r["kappa_rel_change"] for r in rows)
     worst_shift = max(r["shift_error"] for r in rows)
     worst_deficit = max(r["deficit_change"] for r in rows)
@@ -179,7 +181,9 @@ def _kl_scale_rows(rng: np.random.Generator, kl: KLSettings) -> list[dict[str, A
         expected = 3 * math.log2(abs(c))
         # The calibration bias is the same in both and cancels; combining both stderrs is conservative.
         stderr = math.hypot(scaled.stderr, base.stderr)
-        rows.append({"c": c, "kl_shift": shift, "expected_shift": expected, "stderr": stderr, "z": (shift - expected) / stderr})
+        rows.append(
+            {"c": c, "kl_shift": shift, "expected_shift": expected, "stderr": stderr, "z": (shift - expected) / stderr}
+        )
     return rows
 
 
@@ -205,7 +209,9 @@ def entropy_gap_at_frobenius(s: np.ndarray, frobenius: float, sigma_x: float = 1
     """h(Y) - h(kappa = 1 unit) after rescaling spectrum ``s`` to the given Frobenius norm."""
     s = s * (frobenius / math.sqrt(np.sum(s**2)))
     r = s.size
-    return entropy_bits(log2_volume(s), r, sigma_x) - entropy_bits(max_log2_volume_at_frobenius(frobenius, r), r, sigma_x)
+    return entropy_bits(log2_volume(s), r, sigma_x) - entropy_bits(
+        max_log2_volume_at_frobenius(frobenius, r), r, sigma_x
+    )
 
 
 def kappa_gap_bound(kappa: np.ndarray) -> np.ndarray:
@@ -227,16 +233,18 @@ def check_theorem1(rng: np.random.Generator, kl: KLSettings = KLSettings()) -> C
         kappas = np.array([s.max() / s.min() for s in spectra])
         isotropic_gap = entropy_gap_at_frobenius(np.full(r, 0.37), 5.0)
         bound = kappa_gap_bound(kappas)
-        rows.append({
-            "r": r,
-            "spectra": SPECTRA_PER_DIM,
-            "kappa_range": [float(kappas.min()), float(kappas.max())],
-            "max_gap_bits": float(gaps.max()),
-            "above_kappa1": int(np.count_nonzero(gaps > EXACT_TOL)),
-            "above_kappa_bound": int(np.count_nonzero(gaps > bound + EXACT_TOL)),
-            "kappa1_gap_bits": isotropic_gap,
-            "max_distance_to_bound_bits": float(np.max(bound - gaps)),
-        })
+        rows.append(
+            {
+                "r": r,
+                "spectra": SPECTRA_PER_DIM,
+                "kappa_range": [float(kappas.min()), float(kappas.max())],
+                "max_gap_bits": float(gaps.max()),
+                "above_kappa1": int(np.count_nonzero(gaps > EXACT_TOL)),
+                "above_kappa_bound": int(np.count_nonzero(gaps > bound + EXACT_TOL)),
+                "kappa1_gap_bits": isotropic_gap,
+                "max_distance_to_bound_bits": float(np.max(bound - gaps)),
+            }
+        )
         points[r] = {"kappa": kappas.tolist(), "gap": gaps.tolist()}
         worst_gap = max(worst_gap, float(gaps.max()))
     kl_points = _kl_theorem1_points(rng, kl)
@@ -294,13 +302,15 @@ def check_kappa_random(rng: np.random.Generator) -> Check:
         mean_log, stderr = monte_carlo_log_kappa(shape, KAPPA_MP_DRAWS, rng)
         predicted = kappa_random(shape)
         error = abs(mean_log - math.log(predicted))
-        rows.append({
-            "shape": list(shape),
-            "kappa_mp": predicted,
-            "kappa_mc_geomean": math.exp(mean_log),
-            "log_error": error,
-            "tolerance": KAPPA_MP_LOG_TOL + 3 * stderr,
-        })
+        rows.append(
+            {
+                "shape": list(shape),
+                "kappa_mp": predicted,
+                "kappa_mc_geomean": math.exp(mean_log),
+                "log_error": error,
+                "tolerance": KAPPA_MP_LOG_TOL + 3 * stderr,
+            }
+        )
     ok = all(row["log_error"] <= row["tolerance"] for row in rows)
     worst = max(rows, key=lambda row: row["log_error"] / row["tolerance"])
     summary = (

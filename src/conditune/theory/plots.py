@@ -8,12 +8,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from conditune.io import atomic_write  # noqa: E402
-from conditune.theory.checks import Z_MAX, Check, kappa_gap_bound  # noqa: E402
-from conditune.theory.scan_analysis import ScanTensor  # noqa: E402
+from conditune.io import atomic_write
+from conditune.theory.checks import Z_MAX, Check, kappa_gap_bound
+from conditune.theory.scan_analysis import ScanTensor
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -33,7 +33,9 @@ def plot_entropy_formula(check: Check, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.axhline(0.0, color="grey", lw=1)
     ax.errorbar(x, diff, yerr=tol, fmt="o", capsize=4, label=f"KL - eq. 6, bars = tolerance (±{Z_MAX:g} s.e.)")
-    ax.set_xticks(x, [f"{row['case']}\n{row['shape'][0]}x{row['shape'][1]}" for row in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(
+        x, [f"{row['case']}\n{row['shape'][0]}x{row['shape'][1]}" for row in rows], rotation=60, ha="right", fontsize=7
+    )
     ax.set_ylabel("h(Y): KL estimate - eq. 6 (bits)")
     ax.set_title("Output entropy: closed form vs sample estimate")
     ax.legend(fontsize=8)
@@ -49,8 +51,16 @@ def plot_scale_invariance(check: Check, path: Path) -> Path:
         logc = np.array([np.log2(abs(row["c"])) for row in group])
         order = np.argsort(logc)
         ax.plot(logc[order], group[0]["rank"] * logc[order], color="lightgrey", lw=3, zorder=1)
-        ax.scatter(logc, [row["log2_volume_shift"] for row in group], label=f"{case} (rank {group[0]['rank']})", zorder=2,
-                   marker=next(markers), facecolors="none", edgecolors=f"C{i}", s=40)
+        ax.scatter(
+            logc,
+            [row["log2_volume_shift"] for row in group],
+            label=f"{case} (rank {group[0]['rank']})",
+            zorder=2,
+            marker=next(markers),
+            facecolors="none",
+            edgecolors=f"C{i}",
+            s=40,
+        )
     ax.set_xlabel("log2 |c|")
     ax.set_ylabel("log2vol(cW) - log2vol(W)  (bits)")
     ax.set_title("Scale: kappa unchanged, log-volume shifts by rank·log2|c| (grey)")
@@ -77,8 +87,14 @@ def plot_theorem1(check: Check, path: Path) -> Path:
     points = check.data["kl_points"]
     kappas = [p["kappa"] for p in points]
     right.plot(kappas, [p["eq6_bits"] for p in points], "s-", color="black", label="eq. 6")
-    right.errorbar(kappas, [p["kl_bits"] for p in points], yerr=[2 * p["kl_stderr"] for p in points], fmt="o", capsize=4,
-                   label="KL estimate ± 2 s.e.")
+    right.errorbar(
+        kappas,
+        [p["kl_bits"] for p in points],
+        yerr=[2 * p["kl_stderr"] for p in points],
+        fmt="o",
+        capsize=4,
+        label="KL estimate ± 2 s.e.",
+    )
     right.set_xscale("log")
     right.set_xticks(kappas, [f"{k:g}" for k in kappas])
     right.minorticks_off()
@@ -102,7 +118,9 @@ def plot_scan_kappa_volume(tensors: list[ScanTensor], path: Path) -> Path:
     for kind, colour in colours.items():
         group = [t for t in tensors if t.kind == kind and t.deficit is not None]
         if group:
-            ax.scatter([t.kappa for t in group], [t.normalised_log2_volume for t in group], s=14, color=colour, label=kind)
+            ax.scatter(
+                [t.kappa for t in group], [t.normalised_log2_volume for t in group], s=14, color=colour, label=kind
+            )
     ax.set_xscale("log")
     ax.set_xlabel("kappa")
     ax.set_ylabel("log2-volume at ||W||_F² = rank  (= -deficit, bits)")

@@ -6,13 +6,14 @@ Everything is seeded, offline and sized to finish in well under two minutes on t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.io import atomic_write_json, atomic_write_text
 from conditune.scanning.records import read_records
 from conditune.theory import plots
@@ -67,7 +68,9 @@ def run_theory_report(output: str | Path, scan: str | Path | None = None, seed: 
     """Run every check (and the scan analysis when ``scan`` is given); write the report into ``output``."""
     start = time.perf_counter()
     scan_section = load_scan_section(scan) if scan is not None else None  # fail fast on a bad file
-    rng_entropy, rng_scale, rng_theorem, rng_mp = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
+    rng_entropy, rng_scale, rng_theorem, rng_mp = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
+    )
     kl = KLSettings()
     checks = [
         check_entropy_formula(rng_entropy, kl),
@@ -88,7 +91,7 @@ def load_scan_section(path: str | Path) -> ScanSection:
     records, meta = read_records(path)
     tensors = scan_tensors(records)
     if not tensors:
-        raise ConditumeError(f"{path}: no tensor in the scan has a condition number (column 'kappa')")
+        raise CondituneError(f"{path}: no tensor in the scan has a condition number (column 'kappa')")
     checks = [check_scan_theorem1(tensors), check_scan_consistency(records, float(meta.get("sigma_x", 1.0)))]
     model = str(meta.get("model") or meta.get("model_id") or Path(path).stem)
     return ScanSection(str(path), model, tensors, checks, kind_table(tensors), shape_bias(tensors))
@@ -146,8 +149,21 @@ def _section_entropy(check: Check) -> str:
     d = check.data
     table = _table(
         ["case", "shape", "image dim", "degenerate", "kappa", "eq. 6 (bits)", "KL (bits)", "s.e.", "KL - eq. 6", "z"],
-        [[r["case"], _shape(r["shape"]), r["image_dim"], r["degenerate"], _fmt(r["kappa"], ".2f"), r["eq6_bits"], r["kl_bits"],
-          r["kl_stderr"], _fmt(r["diff_bits"], "+.3f"), _fmt(r["z"], "+.2f")] for r in check.rows],
+        [
+            [
+                r["case"],
+                _shape(r["shape"]),
+                r["image_dim"],
+                r["degenerate"],
+                _fmt(r["kappa"], ".2f"),
+                r["eq6_bits"],
+                r["kl_bits"],
+                r["kl_stderr"],
+                _fmt(r["diff_bits"], "+.3f"),
+                _fmt(r["z"], "+.2f"),
+            ]
+            for r in check.rows
+        ],
     )
     return (
         "h(Y) of Y = W X, X ~ N(0, sigma_x^2 I), from eq. 6 and from a Kozachenko-Leonenko estimate on samples of Y "
@@ -163,15 +179,38 @@ def _section_scale(check: Check) -> str:
     for row in check.rows:
         cases.setdefault(row["case"], []).append(row)
     table = _table(
-        ["matrix", "rank", "kappa", "max abs(kappa(cW)/kappa(W) - 1)", "max shift error (bits)", "max deficit change (bits)"],
-        [[case, rows[0]["rank"], _fmt(rows[0]["kappa"], ".4g"), _fmt(max(r["kappa_rel_change"] for r in rows), ".1e"),
-          _fmt(max(r["shift_error"] for r in rows), ".1e"), _fmt(max(r["deficit_change"] for r in rows), ".1e")]
-         for case, rows in cases.items()],
+        [
+            "matrix",
+            "rank",
+            "kappa",
+            "max abs(kappa(cW)/kappa(W) - 1)",
+            "max shift error (bits)",
+            "max deficit change (bits)",
+        ],
+        [
+            [
+                case,
+                rows[0]["rank"],
+                _fmt(rows[0]["kappa"], ".4g"),
+                _fmt(max(r["kappa_rel_change"] for r in rows), ".1e"),
+                _fmt(max(r["shift_error"] for r in rows), ".1e"),
+                _fmt(max(r["deficit_change"] for r in rows), ".1e"),
+            ]
+            for case, rows in cases.items()
+        ],
     )
     kl_table = _table(
         ["c", "KL: h(cWX) - h(WX)", "rank·log2|c|", "s.e.", "z"],
-        [[_fmt(r["c"], "g"), _fmt(r["kl_shift"], "+.3f"), _fmt(r["expected_shift"], "+.3f"), r["stderr"], _fmt(r["z"], "+.2f")]
-         for r in check.data["kl_rows"]],
+        [
+            [
+                _fmt(r["c"], "g"),
+                _fmt(r["kl_shift"], "+.3f"),
+                _fmt(r["expected_shift"], "+.3f"),
+                r["stderr"],
+                _fmt(r["z"], "+.2f"),
+            ]
+            for r in check.data["kl_rows"]
+        ],
     )
     scales = ", ".join(format(c, "g") for c in sorted({row["c"] for row in check.rows}))
     return (
@@ -183,13 +222,34 @@ def _section_scale(check: Check) -> str:
 
 def _section_theorem1(check: Check) -> str:
     table = _table(
-        ["r", "spectra", "kappa range", "max h - h(kappa=1) (bits)", "above kappa=1", "above kappa bound", "kappa=1 gap (bits)"],
-        [[r["r"], r["spectra"], f"{r['kappa_range'][0]:.4g} – {r['kappa_range'][1]:.3g}", _fmt(r["max_gap_bits"], ".2e"),
-          r["above_kappa1"], r["above_kappa_bound"], _fmt(r["kappa1_gap_bits"], ".1e")] for r in check.rows],
+        [
+            "r",
+            "spectra",
+            "kappa range",
+            "max h - h(kappa=1) (bits)",
+            "above kappa=1",
+            "above kappa bound",
+            "kappa=1 gap (bits)",
+        ],
+        [
+            [
+                r["r"],
+                r["spectra"],
+                f"{r['kappa_range'][0]:.4g} – {r['kappa_range'][1]:.3g}",
+                _fmt(r["max_gap_bits"], ".2e"),
+                r["above_kappa1"],
+                r["above_kappa_bound"],
+                _fmt(r["kappa1_gap_bits"], ".1e"),
+            ]
+            for r in check.rows
+        ],
     )
     kl_table = _table(
         ["kappa", "eq. 6 (bits)", "KL (bits)", "s.e.", "z"],
-        [[_fmt(p["kappa"], ".1f"), p["eq6_bits"], p["kl_bits"], p["kl_stderr"], _fmt(p["z"], "+.2f")] for p in check.data["kl_points"]],
+        [
+            [_fmt(p["kappa"], ".1f"), p["eq6_bits"], p["kl_bits"], p["kl_stderr"], _fmt(p["z"], "+.2f")]
+            for p in check.data["kl_points"]
+        ],
     )
     return (
         "Random spectra (log-normal from almost flat to very spread, uniform, and Gaussian-matrix spectra) are rescaled "
@@ -203,8 +263,16 @@ def _section_theorem1(check: Check) -> str:
 def _section_kappa_mp(check: Check) -> str:
     table = _table(
         ["shape", "kappa_mp", "Monte Carlo geometric mean", "abs log error", "tolerance"],
-        [[_shape(r["shape"]), _fmt(r["kappa_mp"], ".2f"), _fmt(r["kappa_mc_geomean"], ".2f"), r["log_error"], r["tolerance"]]
-         for r in check.rows],
+        [
+            [
+                _shape(r["shape"]),
+                _fmt(r["kappa_mp"], ".2f"),
+                _fmt(r["kappa_mc_geomean"], ".2f"),
+                r["log_error"],
+                r["tolerance"],
+            ]
+            for r in check.rows
+        ],
     )
     return (
         "kappa_mp (`kappa_random(shape)`) is the typical condition number of a matrix of that shape with i.i.d. "
@@ -224,9 +292,19 @@ def _section_scan(scan: ScanSection, figures: dict[str, str]) -> str:
     bias = scan.bias
     kinds = _table(
         ["kind", "n", "shapes", "median kappa", "kappa_mp", "median kappa_norm", "median deficit (bits)", "per dim"],
-        [[k["kind"], k["n"], ", ".join(k["shapes"]), _fmt(k["median_kappa"], ".4g"), _fmt(k["kappa_mp"], ".3g"),
-          _fmt(k["median_kappa_norm"], ".3g"), _fmt(k["median_deficit_bits"], ".4g"), _fmt(k["median_deficit_bits_per_dim"], ".4f")]
-         for k in scan.kinds],
+        [
+            [
+                k["kind"],
+                k["n"],
+                ", ".join(k["shapes"]),
+                _fmt(k["median_kappa"], ".4g"),
+                _fmt(k["kappa_mp"], ".3g"),
+                _fmt(k["median_kappa_norm"], ".3g"),
+                _fmt(k["median_deficit_bits"], ".4g"),
+                _fmt(k["median_deficit_bits_per_dim"], ".4f"),
+            ]
+            for k in scan.kinds
+        ],
     )
     measures = _table(
         ["measure", "value"],
@@ -236,7 +314,10 @@ def _section_scan(scan: ScanSection, figures: dict[str, str]) -> str:
             ["share of var(log kappa) explained by tensor kind (eta²)", _fmt(bias["eta2_log_kappa_by_kind"])],
             ["share of var(log kappa) explained by shape (eta²)", _fmt(bias["eta2_log_kappa_by_shape"])],
             ["share of var(log kappa_norm) explained by tensor kind (eta²)", _fmt(bias["eta2_log_kappa_norm_by_kind"])],
-            ["Spearman rho(kappa, kappa_norm): ranking kept after dividing out shape", _fmt(bias["spearman_kappa_kappa_norm"])],
+            [
+                "Spearman rho(kappa, kappa_norm): ranking kept after dividing out shape",
+                _fmt(bias["spearman_kappa_kappa_norm"]),
+            ],
         ],
     )
     checks = "\n".join(f"- **{c.status}** {c.title}: {c.summary}" for c in scan.checks)
@@ -267,20 +348,33 @@ def render_markdown(report: TheoryReport) -> str:
     if report.scan:
         parts.append(f"## {len(report.checks) + 1}. Scanned model\n\n{_section_scan(report.scan, report.figures)}")
     else:
-        parts.append(f"## {len(report.checks) + 1}. Scanned model\n\nNot run: pass `--scan SCAN_FILE` (a `conditune scan` output).")
+        parts.append(
+            f"## {len(report.checks) + 1}. Scanned model\n\nNot run: pass `--scan SCAN_FILE` (a `conditune scan` output)."
+        )
     return "\n\n".join(parts) + "\n"
 
 
 def _check_json(check: Check) -> dict[str, Any]:
-    return {"key": check.key, "title": check.title, "status": check.status, "summary": check.summary,
-            "rows": check.rows, **check.data}
+    return {
+        "key": check.key,
+        "title": check.title,
+        "status": check.status,
+        "summary": check.summary,
+        "rows": check.rows,
+        **check.data,
+    }
 
 
 def report_json(report: TheoryReport) -> dict[str, Any]:
     scan = None
     if report.scan:
-        scan = {"path": report.scan.path, "model": report.scan.model, "checks": [_check_json(c) for c in report.scan.checks],
-                "kinds": report.scan.kinds, "shape_bias": report.scan.bias}
+        scan = {
+            "path": report.scan.path,
+            "model": report.scan.model,
+            "checks": [_check_json(c) for c in report.scan.checks],
+            "kinds": report.scan.kinds,
+            "shape_bias": report.scan.bias,
+        }
     return {
         "seed": report.seed,
         "status": PASS if report.passed else FAIL,

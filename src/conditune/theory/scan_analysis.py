@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -63,7 +64,9 @@ def scan_tensors(records: list[TensorRecord]) -> list[ScanTensor]:
         if rec.log2_volume is not None and _positive(rec.frobenius) and rec.rank:
             deficit = entropy_deficit_bits(rec.log2_volume, rec.frobenius, rec.rank)
         kappa_mp = rec.kappa_mp if _positive(rec.kappa_mp) else kappa_random(shape)
-        tensors.append(ScanTensor(rec.name, rec.kind or "?", shape, float(rec.kappa), float(kappa_mp), rec.rank, deficit))
+        tensors.append(
+            ScanTensor(rec.name, rec.kind or "?", shape, float(rec.kappa), float(kappa_mp), rec.rank, deficit)
+        )
     return tensors
 
 
@@ -115,16 +118,18 @@ def kind_table(tensors: list[ScanTensor]) -> list[dict[str, Any]]:
     for kind, group in sorted(by_kind.items()):
         deficits = [t.deficit for t in group if t.deficit is not None]
         per_dim = [t.deficit / t.rank for t in group if t.deficit is not None and t.rank]
-        rows.append({
-            "kind": kind,
-            "n": len(group),
-            "shapes": sorted({format_shape(t.shape) for t in group}),
-            "median_kappa": float(np.median([t.kappa for t in group])),
-            "kappa_mp": float(np.median([t.kappa_mp for t in group])),
-            "median_kappa_norm": float(np.median([t.kappa_norm for t in group])),
-            "median_deficit_bits": float(np.median(deficits)) if deficits else None,
-            "median_deficit_bits_per_dim": float(np.median(per_dim)) if per_dim else None,
-        })
+        rows.append(
+            {
+                "kind": kind,
+                "n": len(group),
+                "shapes": sorted({format_shape(t.shape) for t in group}),
+                "median_kappa": float(np.median([t.kappa for t in group])),
+                "kappa_mp": float(np.median([t.kappa_mp for t in group])),
+                "median_kappa_norm": float(np.median([t.kappa_norm for t in group])),
+                "median_deficit_bits": float(np.median(deficits)) if deficits else None,
+                "median_deficit_bits_per_dim": float(np.median(per_dim)) if per_dim else None,
+            }
+        )
     return rows
 
 
@@ -184,5 +189,9 @@ def check_scan_consistency(records: list[TensorRecord], sigma_x: float = 1.0) ->
     if not checked:
         return Check("scan_consistency", title, NOT_APPLICABLE, "no derived columns to compare", rows)
     ok = all(row["max_rel_error"] <= CONSISTENCY_REL_TOL for row in checked)
-    summary = "; ".join(f"{row['rule']}: max rel. error {row['max_rel_error']:.1e} over {row['records']}" for row in checked)
-    return Check("scan_consistency", title, PASS if ok else FAIL, f"{summary} (tolerance {CONSISTENCY_REL_TOL:g})", rows)
+    summary = "; ".join(
+        f"{row['rule']}: max rel. error {row['max_rel_error']:.1e} over {row['records']}" for row in checked
+    )
+    return Check(
+        "scan_consistency", title, PASS if ok else FAIL, f"{summary} (tolerance {CONSISTENCY_REL_TOL:g})", rows
+    )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.io import atomic_write, atomic_write_json, atomic_write_text
 
 STATE_NAME = "trainer_state.json"
@@ -54,7 +54,13 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -80,8 +86,16 @@ def _torch_save_atomic(obj: Any, path: Path) -> None:
         torch.save(obj, handle)
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, scheduler, trainer_state: dict[str, Any],
-                    config_yaml: str, keep_last: int = 3) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    keep_last: int = 3,
+) -> Path:
     root = checkpoints_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".step-*"):  # left by a killed save
@@ -118,18 +132,18 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConditumeError(f"{checkpoint}: not a complete checkpoint (no {STATE_NAME})") from None
+        raise CondituneError(f"{checkpoint}: not a complete checkpoint (no {STATE_NAME})") from None
     except json.JSONDecodeError as exc:
-        raise ConditumeError(f"{path}: corrupt ({exc})") from None
+        raise CondituneError(f"{path}: corrupt ({exc})") from None
 
 
 def load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ConditumeError(f"checkpoint file {path} is missing") from None
+        raise CondituneError(f"checkpoint file {path} is missing") from None
     except Exception as exc:  # noqa: BLE001 - corrupt file
-        raise ConditumeError(f"checkpoint file {path} is unreadable: {' '.join(str(exc).split())[:200]}") from None
+        raise CondituneError(f"checkpoint file {path} is unreadable: {' '.join(str(exc).split())[:200]}") from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.speech.config import _DATACLASSES as _SPEECH_DATACLASSES
 from conditune.speech.config import SpeechLLMConfig, build_dataclass
 
@@ -80,7 +81,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         cfg = build_dataclass(cls, data or {}, "config", _REGISTRY)
         cfg.validate()
         return cfg
@@ -92,33 +93,42 @@ class TrainConfig:
         self.model.validate()
         t = self.train
         if t.schedule not in SCHEDULES:
-            raise ConditumeError(f"train.schedule must be one of {', '.join(SCHEDULES)}, not {t.schedule!r}")
+            raise CondituneError(f"train.schedule must be one of {', '.join(SCHEDULES)}, not {t.schedule!r}")
         if t.mixed_precision not in PRECISIONS:
-            raise ConditumeError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, not {t.mixed_precision!r}")
+            raise CondituneError(
+                f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, not {t.mixed_precision!r}"
+            )
         if t.grad_accum < 1 or self.data.max_batch < 1:
-            raise ConditumeError("train.grad_accum and data.max_batch must be >= 1")
+            raise CondituneError("train.grad_accum and data.max_batch must be >= 1")
         if t.max_steps is not None and t.max_steps < 1:
-            raise ConditumeError("train.max_steps must be >= 1")
+            raise CondituneError("train.max_steps must be >= 1")
         if t.align_steps < 0 or t.ctc_weight < 0:
-            raise ConditumeError("train.align_steps and train.ctc_weight must be >= 0")
+            raise CondituneError("train.align_steps and train.ctc_weight must be >= 0")
         if self.model.adaptor.ctc_compress and not (t.align_steps or t.ctc_weight):
-            raise ConditumeError("model.adaptor.ctc_compress needs a trained CTC head: set train.align_steps and/or train.ctc_weight")
+            raise CondituneError(
+                "model.adaptor.ctc_compress needs a trained CTC head: set train.align_steps and/or train.ctc_weight"
+            )
         if not self.data.train:
-            raise ConditumeError("data.train (a manifest) is not set")
+            raise CondituneError("data.train (a manifest) is not set")
 
 
-_REGISTRY = {**_SPEECH_DATACLASSES, "SpeechLLMConfig": SpeechLLMConfig, "DataConfig": DataConfig, "OptimConfig": OptimConfig}
+_REGISTRY = {
+    **_SPEECH_DATACLASSES,
+    "SpeechLLMConfig": SpeechLLMConfig,
+    "DataConfig": DataConfig,
+    "OptimConfig": OptimConfig,
+}
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConditumeError(f"override {item!r} is not of the form section.key=value")
+            raise CondituneError(f"override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ConditumeError(f"override {item!r} has an empty key")
+            raise CondituneError(f"override {item!r} has an empty key")
         try:
             out[key] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
@@ -136,7 +146,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise ConditumeError(f"override {key}: {p} is not a section")
+                raise CondituneError(f"override {key}: {p} is not a section")
             node = child
         node[last] = value
     return data
@@ -148,11 +158,11 @@ def read_config_file(path: str | Path, sections: str = "model/data/train") -> di
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConditumeError(f"config file {path} not found") from None
+        raise CondituneError(f"config file {path} not found") from None
     except yaml.YAMLError as exc:
-        raise ConditumeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise CondituneError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
-        raise ConditumeError(f"{path}: expected a mapping with {sections} sections")
+        raise CondituneError(f"{path}: expected a mapping with {sections} sections")
     return data
 
 

@@ -24,13 +24,14 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from conditune.errors import ConditumeError
+from conditune.errors import CondituneError
 from conditune.io import atomic_write_json, atomic_write_text
 from conditune.training import checkpoint as ckpt
 from conditune.training.config import TrainConfig, load_train_config
@@ -60,14 +61,22 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "output_dir": str(self.output_dir), "final_dir": str(self.final_dir) if self.final_dir else None,
-            "step": self.step, "total_steps": self.total_steps, "stopped": self.stopped,
-            "final_loss": self.losses[max(self.losses)] if self.losses else None, "eval": self.eval,
-            "elapsed_s": round(self.elapsed_s, 3), "seconds_per_step": round(self.seconds_per_step, 4),
+            "output_dir": str(self.output_dir),
+            "final_dir": str(self.final_dir) if self.final_dir else None,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "stopped": self.stopped,
+            "final_loss": self.losses[max(self.losses)] if self.losses else None,
+            "eval": self.eval,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "seconds_per_step": round(self.seconds_per_step, 4),
             "align_seconds_per_step": round(self.align_seconds_per_step, 4),
-            "tokens_per_second": round(self.tokens_per_second, 1), "train_utterances": self.train_utterances,
-            "skipped": self.skipped, "trainable_params": self.trainable_params,
-            "trainable_llm_params": self.trainable_llm_params, "data_sha": self.data_sha,
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "train_utterances": self.train_utterances,
+            "skipped": self.skipped,
+            "trainable_params": self.trainable_params,
+            "trainable_llm_params": self.trainable_llm_params,
+            "data_sha": self.data_sha,
         }
 
 
@@ -105,13 +114,24 @@ def balanced_subset(utterances: Sequence, limit: int) -> list:
     for i, utt in enumerate(utterances):
         by_language.setdefault(getattr(utt, "language", "en") or "en", []).append(i)
     share, extra = divmod(limit, max(1, len(by_language)))
-    chosen = {i for n, group in enumerate(by_language.values())  # an uneven remainder goes to the first languages
-              for i in group[: share + (n < extra)]}
+    chosen = {
+        i
+        for n, group in enumerate(by_language.values())  # an uneven remainder goes to the first languages
+        for i in group[: share + (n < extra)]
+    }
     return [u for i, u in enumerate(utterances) if i in chosen]
 
 
-def prepare_examples(utterances, model, cache, *, strict: bool, batch_size: int, max_text_tokens: int | None,
-                     progress: Callable[[int], None] | None = None) -> tuple[list[Example], dict[str, int]]:
+def prepare_examples(
+    utterances,
+    model,
+    cache,
+    *,
+    strict: bool,
+    batch_size: int,
+    max_text_tokens: int | None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Example], dict[str, int]]:
     """Encode (or find cached) every utterance's audio and tokenise its text; drop what cannot be used."""
     lengths, bad = cache.prepare([u.audio for u in utterances], strict=strict, batch_size=batch_size, progress=progress)
     examples, too_long = [], 0
@@ -137,8 +157,16 @@ def make_cache(config: TrainConfig, encoder):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_examples(model, examples: Sequence[Example], cache, *, batch_size: int = 8, num_beams: int = 1,
-                      max_new_tokens: int = 64, autocast=None) -> dict[str, Any]:
+def evaluate_examples(
+    model,
+    examples: Sequence[Example],
+    cache,
+    *,
+    batch_size: int = 8,
+    num_beams: int = 1,
+    max_new_tokens: int = 64,
+    autocast=None,
+) -> dict[str, Any]:
     """Greedy/beam transcription of ``examples`` and WER per language (+ ``all``)."""
     from conditune.evaluation.wer import word_error_rate
     from conditune.speech.features import pad_frames
@@ -157,8 +185,13 @@ def evaluate_examples(model, examples: Sequence[Example], cache, *, batch_size: 
     refs = [e.text for e in examples]
     langs = [e.language for e in examples]
     wer = word_error_rate(refs, hyps, langs) if examples else {"all": math.nan}
-    return {"wer": wer, "predictions": [{"audio": str(e.audio), "reference": e.text, "hypothesis": h, "language": e.language}
-                                        for e, h in zip(examples, hyps)]}
+    return {
+        "wer": wer,
+        "predictions": [
+            {"audio": str(e.audio), "reference": e.text, "hypothesis": h, "language": e.language}
+            for e, h in zip(examples, hyps)
+        ],
+    }
 
 
 class _null:
@@ -183,7 +216,7 @@ def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
         decay = t.weight_decay if param.ndim >= 2 else 0.0
         groups.setdefault((part, lr, decay), []).append(param)
     if not groups:
-        raise ConditumeError("nothing to train: no trainable parameters")
+        raise CondituneError("nothing to train: no trainable parameters")
     params = [{"params": p, "lr": lr, "weight_decay": wd, "name": part} for (part, lr, wd), p in sorted(groups.items())]
     return torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2))
 
@@ -266,10 +299,24 @@ class MetricsLog:
 def _progress(enabled: bool, total: int, start: int):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     progress.start()
     task = progress.add_task("train", total=total, completed=start, loss="-")
     return progress, task
@@ -305,9 +352,14 @@ def chain_data_sha(previous: str, ids: Sequence[str]) -> str:
     return hashlib.sha256((previous + "\n" + "\t".join(ids)).encode()).hexdigest()
 
 
-def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path = False, stop_after_steps: int | None = None,
-          log: Callable[[str], None] | None = None,
-          eval_hook: Callable[[int, Any], dict[str, Any] | None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig | dict | str | Path,
+    *,
+    resume: bool | str | Path = False,
+    stop_after_steps: int | None = None,
+    log: Callable[[str], None] | None = None,
+    eval_hook: Callable[[int, Any], dict[str, Any] | None] | None = None,
+) -> TrainResult:
     """Train (or resume training) a speech LLM as ``config`` says; see the module docstring.
 
     ``resume``: True for the latest checkpoint in ``train.output_dir``, or a checkpoint folder.
@@ -339,8 +391,10 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
             log(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
     if resume_from is None and (ckpt.list_checkpoints(out) or (out / FINAL_DIR).exists()):
         if not t.overwrite:
-            raise ConditumeError(f"{out} already holds a training run: resume it (--resume), "
-                                 "choose another train.output_dir, or set train.overwrite=true")
+            raise CondituneError(
+                f"{out} already holds a training run: resume it (--resume), "
+                "choose another train.output_dir, or set train.overwrite=true"
+            )
         import shutil
 
         shutil.rmtree(ckpt.checkpoints_root(out), ignore_errors=True)
@@ -359,18 +413,40 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
     dev_utts, dev_bad_rows = read_manifests(config.data.dev, config.data.strict)
     if t.eval_max_utterances:
         dev_utts = balanced_subset(dev_utts, t.eval_max_utterances)
-    log(f"encoding {len(train_utts) + len(dev_utts)} utterances with the frozen {model.encoder.backend} encoder (cached)")
+    log(
+        f"encoding {len(train_utts) + len(dev_utts)} utterances with the frozen {model.encoder.backend} encoder (cached)"
+    )
     with _encode_progress(t.progress, len(train_utts) + len(dev_utts)) as advance:
-        train_ex, train_skip = prepare_examples(train_utts, model, cache, strict=config.data.strict, progress=advance,
-                                                batch_size=config.data.encode_batch, max_text_tokens=config.data.max_text_tokens)
-        dev_ex, dev_skip = prepare_examples(dev_utts, model, cache, strict=config.data.strict, progress=advance,
-                                            batch_size=config.data.encode_batch, max_text_tokens=config.data.max_text_tokens)
-    skipped = {"train_rows": train_bad_rows, "train_bad_audio": train_skip["bad_audio"], "train_text_too_long": train_skip["text_too_long"],
-               "dev_rows": dev_bad_rows, "dev_bad_audio": dev_skip["bad_audio"], "dev_text_too_long": dev_skip["text_too_long"]}
+        train_ex, train_skip = prepare_examples(
+            train_utts,
+            model,
+            cache,
+            strict=config.data.strict,
+            progress=advance,
+            batch_size=config.data.encode_batch,
+            max_text_tokens=config.data.max_text_tokens,
+        )
+        dev_ex, dev_skip = prepare_examples(
+            dev_utts,
+            model,
+            cache,
+            strict=config.data.strict,
+            progress=advance,
+            batch_size=config.data.encode_batch,
+            max_text_tokens=config.data.max_text_tokens,
+        )
+    skipped = {
+        "train_rows": train_bad_rows,
+        "train_bad_audio": train_skip["bad_audio"],
+        "train_text_too_long": train_skip["text_too_long"],
+        "dev_rows": dev_bad_rows,
+        "dev_bad_audio": dev_skip["bad_audio"],
+        "dev_text_too_long": dev_skip["text_too_long"],
+    }
     if any(skipped.values()):
         log("skipped: " + ", ".join(f"{k}={v}" for k, v in skipped.items() if v))
     if not train_ex:
-        raise ConditumeError("no usable training utterances (all skipped)")
+        raise CondituneError("no usable training utterances (all skipped)")
 
     from conditune.data.batching import length_bucketed_batches
 
@@ -419,10 +495,18 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
         atomic_write_text(out / "train_config.yaml", config_yaml)
 
     def trainer_state() -> dict[str, Any]:
-        return {"step": step, "epoch": epoch, "batch_index": batch_index, "total_steps": total_steps,
-                "align_steps": t.align_steps, "tokens_seen": tokens_seen,
-                "elapsed_s": prior_elapsed + (time.monotonic() - wall_start),
-                "batches_per_epoch": batches_per_epoch, "data_sha": data_sha, "world_size": world}
+        return {
+            "step": step,
+            "epoch": epoch,
+            "batch_index": batch_index,
+            "total_steps": total_steps,
+            "align_steps": t.align_steps,
+            "tokens_seen": tokens_seen,
+            "elapsed_s": prior_elapsed + (time.monotonic() - wall_start),
+            "batches_per_epoch": batches_per_epoch,
+            "data_sha": data_sha,
+            "world_size": world,
+        }
 
     def save() -> None:
         if is_main:
@@ -435,11 +519,20 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
         if is_main and (dev_ex or eval_hook is not None):
             record: dict[str, Any] = {"kind": "eval", "step": step}
             if dev_ex:
-                res = evaluate_examples(core, dev_ex, cache, batch_size=t.eval_batch, num_beams=t.num_beams,
-                                        max_new_tokens=t.max_new_tokens, autocast=accelerator.autocast)
+                res = evaluate_examples(
+                    core,
+                    dev_ex,
+                    cache,
+                    batch_size=t.eval_batch,
+                    num_beams=t.num_beams,
+                    max_new_tokens=t.max_new_tokens,
+                    autocast=accelerator.autocast,
+                )
                 wer = {k: v for k, v in res["wer"].items() if k != "counts"}
                 record.update({f"wer_{k}": v for k, v in wer.items()})
-                atomic_write_text(out / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in res["predictions"]))
+                atomic_write_text(
+                    out / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in res["predictions"])
+                )
                 log(f"step {step}: dev WER " + ", ".join(f"{k} {v:.2f}" for k, v in wer.items()))
                 wer_result = res["wer"]
             if eval_hook is not None:
@@ -469,9 +562,17 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
         late = torch.tensor([float(time.monotonic() - wall_start >= t.max_seconds)], device=accelerator.device)
         return bool(accelerator.reduce(late, "max").item()) if world > 1 else bool(late.item())  # all ranks agree
 
-    result = TrainResult(out, None, step, total_steps, "max_steps", train_utterances=len(train_ex), skipped=skipped,
-                         trainable_params=sum(p.numel() for p in core.parameters() if p.requires_grad),
-                         trainable_llm_params=sum(p.numel() for p in core.llm.parameters() if p.requires_grad))
+    result = TrainResult(
+        out,
+        None,
+        step,
+        total_steps,
+        "max_steps",
+        train_utterances=len(train_ex),
+        skipped=skipped,
+        trainable_params=sum(p.numel() for p in core.parameters() if p.requires_grad),
+        trainable_llm_params=sum(p.numel() for p in core.llm.parameters() if p.requires_grad),
+    )
     bar = _progress(t.progress and is_main, total_steps, step)
     model.train()
     batches = epoch_batches(epoch)
@@ -490,12 +591,19 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
                 frames, lengths = pad_frames(cache.get([train_ex[i].audio for i in idx]))
                 # gradients are all-reduced on the last micro-batch only
                 sync = micro == t.grad_accum - 1 or world == 1
-                with (_null() if sync else accelerator.no_sync(model)):
-                    out_ = model(frames, lengths, [train_ex[i].tokens for i in idx], ctc_weight=t.ctc_weight,
-                                 run_llm=not aligning)
+                with _null() if sync else accelerator.no_sync(model):
+                    out_ = model(
+                        frames,
+                        lengths,
+                        [train_ex[i].tokens for i in idx],
+                        ctc_weight=t.ctc_weight,
+                        run_llm=not aligning,
+                    )
                     accelerator.backward(out_.loss / t.grad_accum)
                 step_loss += out_.loss.detach() / t.grad_accum
-                step_tokens += int(sum(math.ceil(int(n) / k) for n in lengths)) + sum(len(train_ex[i].tokens) + 2 for i in idx)
+                step_tokens += int(sum(math.ceil(int(n) / k) for n in lengths)) + sum(
+                    len(train_ex[i].tokens) + 2 for i in idx
+                )
             if t.clip_norm:
                 accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.clip_norm)
             optimizer.step()
@@ -515,17 +623,31 @@ def train(config: TrainConfig | dict | str | Path, *, resume: bool | str | Path 
                 bar[0].update(bar[1], completed=step, loss=f"{step_loss:.4f}" + (" (align)" if aligning else ""))
             if is_main and (step % max(1, t.log_every) == 0 or step == total_steps or step == t.align_steps):
                 elapsed = time.monotonic() - loop_start
-                metrics.write({"kind": "train", "step": step, "epoch": epoch, "phase": "align" if aligning else "main",
-                               "loss": window_loss / window_steps, **_learning_rates(optimizer), "data_sha": data_sha,
-                               "tokens_per_s": run_tokens / max(elapsed, 1e-9),
-                               "elapsed_s": round(prior_elapsed + time.monotonic() - wall_start, 3)})
+                metrics.write(
+                    {
+                        "kind": "train",
+                        "step": step,
+                        "epoch": epoch,
+                        "phase": "align" if aligning else "main",
+                        "loss": window_loss / window_steps,
+                        **_learning_rates(optimizer),
+                        "data_sha": data_sha,
+                        "tokens_per_s": run_tokens / max(elapsed, 1e-9),
+                        "elapsed_s": round(prior_elapsed + time.monotonic() - wall_start, 3),
+                    }
+                )
             if step % max(1, t.log_every) == 0 or step == total_steps or step == t.align_steps:
                 window_loss, window_steps = 0.0, 0
             if stop_after_steps is not None and run_steps >= stop_after_steps and step < total_steps:
                 result.stopped = "stop_after_steps"
                 break
             # evaluations count main steps: in the alignment stage the LLM has not changed and cannot read yet
-            if t.eval_every and step > t.align_steps and (step - t.align_steps) % t.eval_every == 0 and step < total_steps:
+            if (
+                t.eval_every
+                and step > t.align_steps
+                and (step - t.align_steps) % t.eval_every == 0
+                and step < total_steps
+            ):
                 eval_result = run_eval()
                 model.train()
             if t.save_every and step % t.save_every == 0 and step < total_steps:
@@ -579,8 +701,11 @@ def _make_accelerator(mixed_precision: str, cpu: bool, find_unused: bool = False
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
-    kwargs = {"mixed_precision": mixed_precision, "cpu": cpu,
-              "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=find_unused)]}
+    kwargs = {
+        "mixed_precision": mixed_precision,
+        "cpu": cpu,
+        "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+    }
     try:
         return Accelerator(**kwargs)
     except ValueError as exc:
