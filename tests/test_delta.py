@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from _tiny_llama import batch, load_tiny_llama, save_tiny_llama
 from conditune.errors import CondituneError
 from conditune.selection import apply_selection, load_delta, merge_delta, model_fingerprint, save_delta
+from fixtures import batch, load_tiny_llama, save_tiny_llama
 
 CHOSEN = ["model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
 

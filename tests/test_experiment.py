@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conditune.errors import CondituneError
-from speech_helpers import make_corpus, make_tiny_llm, make_tiny_whisper
+from fixtures import make_corpus, make_tiny_llm, make_tiny_whisper
 
 torch.set_num_threads(1)
 

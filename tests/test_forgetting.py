@@ -16,7 +16,7 @@ from conditune.evaluation.forgetting import (
     text_metrics,
     tokenize_texts,
 )
-from speech_helpers import make_tiny_llm
+from fixtures import make_tiny_llm
 
 TEXTS = ["open the door", "good morning", "turn left now", "yes please", "open the window please", "good"]
 

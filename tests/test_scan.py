@@ -16,8 +16,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _tiny_gguf import write_tiny_gguf
-from _tiny_llama import save_tiny_llama
 from conditune.cli import main
 from conditune.scanning import analyse_matrix, open_source, read_records, scan_source, write_records
 from conditune.scanning.records import parse_name
@@ -25,6 +23,7 @@ from conditune.scanning.scanner import assign_work
 from conditune.scanning.sources import TensorInfo
 from conditune.scanning.spectrum_torch import analyse_matrix_torch
 from conditune.theory.quantities import entropy_bits, kappa_random
+from fixtures import save_tiny_llama, write_tiny_gguf
 
 ACCURACY = 1e-4  # the requirement: kappa within 1e-4 relative of a float64 LAPACK SVD
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from _tiny_llama import batch, load_tiny_llama, save_tiny_llama
 from conditune.cli import main
 from conditune.errors import CondituneError
 from conditune.scanning.records import TensorRecord, read_records, write_records
@@ -22,6 +21,7 @@ from conditune.selection import (
     trainable_parameters,
     write_selection,
 )
+from fixtures import batch, load_tiny_llama, save_tiny_llama
 
 L0, L1 = "model.layers.0.", "model.layers.1."
 # name -> (shape, status, kappa, kappa_norm). Names and shapes are those of the tiny Llama (untied).

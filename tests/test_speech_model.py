@@ -15,7 +15,7 @@ from conditune.speech.adaptor import AudioAdaptor
 from conditune.speech.config import AdaptorConfig, EncoderConfig, SpeechLLMConfig
 from conditune.speech.encoders import HFWhisperEncoder, encoded_length
 from conditune.speech.modeling import IGNORE_INDEX, SpeechLLM
-from speech_helpers import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone
+from fixtures import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ import torch
 from conditune.errors import CondituneError
 from conditune.training.config import TrainConfig, load_train_config, parse_overrides
 from conditune.training.trainer import train
-from speech_helpers import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone, write_wav
+from fixtures import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone, write_wav
 
 torch.set_num_threads(1)
 
