@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -40,9 +41,21 @@ def _umask() -> int:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Strict JSON (NaN and infinities written as null), atomically."""
     with atomic_write(path) as handle:
-        json.dump(obj, handle, indent=2, sort_keys=False, default=_json_default)
+        json.dump(strict_json(obj), handle, indent=2, sort_keys=False, default=_json_default)
         handle.write("\n")
+
+
+def strict_json(obj: Any) -> Any:
+    """A copy of ``obj`` with NaN and infinities replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -70,3 +83,12 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> None:
+    """A matplotlib figure as PNG, atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)

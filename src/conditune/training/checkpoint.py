@@ -1,7 +1,7 @@
 """Training checkpoints: complete or absent, never half-written.
 
 ``<output_dir>/checkpoints/step-00000120/`` holds the model files of
-:meth:`~conditune.speech.modeling.SpeechLLM.save_pretrained` (config, adaptor, LLM delta), plus
+:meth:`~conditune.speech.modeling.SpeechLLM.save_pretrained` (config, adaptor and CTC head, LLM delta), plus
 ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (Python, NumPy, torch and CUDA generator states),
 ``train_config.yaml`` and ``trainer_state.json`` (step, data position, counters). Everything is
 written into a hidden staging folder that is renamed into place at the end, so a killed run leaves at
@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,27 @@ def save_checkpoint(
     _fsync_dir(root)
     prune_checkpoints(output_dir, keep_last)
     return final
+
+
+def replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder through ``write(staging)`` into a hidden staging folder, then swap it in for ``folder``:
+    a reader sees the old folder or the new one, never a mix."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        write(staging)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(staging, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(folder.parent)
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
