@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from conditune.cli.common import resolve_model_dir
 from conditune.errors import CondituneError
 from conditune.evaluation.forgetting import DEFAULT_INSTRUCTIONS, ForgettingProbe, read_texts
 from conditune.evaluation.pair import load_trained_pair
 from conditune.io import atomic_write_json
 from conditune.machine import machine_description
+from conditune.training.checkpoint import find_model_dir
 
 
 def main(argv=None) -> int:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         batch_size=16,
         max_tokens=128,
     )
-    pair = load_trained_pair(resolve_model_dir(args.run))
+    pair = load_trained_pair(find_model_dir(args.run))
     measured = probe.measure(pair.base, pair.adapted, pair.processor.tokenizer)
     for lang, m in measured.text.items():
         print(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,17 +33,10 @@ log = logging.getLogger("conditune")
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML file holding a mapping; a missing, unreadable, binary or non-mapping file is one error line."""
+    from conditune.io import read_text_file
+
     path = Path(path)
-    if not path.exists():
-        raise CondituneError(f"config file {path} not found")
-    if not path.is_file():
-        raise CondituneError(f"config file {path} is not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CondituneError(f"config file {path} is not UTF-8 text (a YAML file was expected)") from None
-    except OSError as exc:
-        raise CondituneError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    text = read_text_file(path, what="config file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -204,35 +196,3 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def to_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-
-def check_range(
-    value: float | int | None,
-    key: str,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    exclusive_minimum: bool = False,
-    allow_none: bool = True,
-) -> None:
-    """One error line naming ``key`` when ``value`` is None (unless allowed), NaN/inf or out of range."""
-    if value is None:
-        if allow_none:
-            return
-        raise CondituneError(f"{key} must be set")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CondituneError(f"{key} must be a number, not {value!r}")
-    if not math.isfinite(value):
-        raise CondituneError(f"{key} must be a finite number, not {value!r}")
-    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
-        raise CondituneError(f"{key} must be {'>' if exclusive_minimum else '>='} {minimum:g}, not {value!r}")
-    if maximum is not None and value > maximum:
-        raise CondituneError(f"{key} must be <= {maximum:g}, not {value!r}")
-
-
-def check_choice(value: Any, key: str, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise CondituneError(f"{key} must be one of {', '.join(map(str, choices))}, not {value!r}")

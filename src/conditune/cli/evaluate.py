@@ -31,11 +31,20 @@ def register(app: typer.Typer) -> None:
         from conditune.cli.common import load_for_inference
         from conditune.data.examples import prepare_examples, read_manifests
         from conditune.evaluation.transcription import evaluate_examples
-        from conditune.io import atomic_write_json, atomic_write_text
+        from conditune.io import atomic_write_json, atomic_write_text, check_writable
+        from conditune.validation import require_device, require_int
 
+        require_int(batch_size, "--batch-size", minimum=1)
+        require_int(beams, "--beams", minimum=1)
+        require_int(max_new_tokens, "--max-new-tokens", minimum=1)
+        if device is not None:
+            require_device(device, "--device", allow_auto=False)
+        for path in (output, predictions):
+            if path is not None:
+                check_writable(path)  # before the model loads
+        utts, bad_rows = read_manifests(manifest, strict=strict)  # a bad manifest: one line, before the model
         model, processor = load_for_inference(checkpoint, device=device, llm=llm, encoder=encoder,
                                               cache_dir=feature_cache)  # fmt: skip
-        utts, bad_rows = read_manifests(manifest, strict=strict)
         prepared = prepare_examples(utts, processor, strict=strict, batch_size=16)
         if not prepared.examples:
             raise CondituneError(f"{manifest}: no usable utterances")

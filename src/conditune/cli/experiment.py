@@ -20,10 +20,8 @@ def register(app: typer.Typer) -> None:
         """Train several arms (lowest/highest κ, random, LoRA matched, full, ...) on identical data over seeds."""
         import json
 
-        from conditune.cli.common import quiet_libraries
         from conditune.recipes.experiment import run_experiment
 
-        quiet_libraries()
         log = lambda m: typer.echo(m, err=True)  # noqa: E731
         result = run_experiment(config, output, overrides or [], log=log, report_only=report_only)
         typer.echo(json.dumps({

@@ -20,11 +20,9 @@ def register(app: typer.Typer) -> None:
         """Train the adaptor and the selected LLM tensors of a speech LLM (frozen Whisper encoder)."""
         import json
 
-        from conditune.cli.common import quiet_libraries
         from conditune.training.config import load_train_config
         from conditune.training.trainer import train
 
-        quiet_libraries()
         cfg = load_train_config(config, overrides or [])
         result = train(cfg, resume=resume_from if resume_from else resume, log=lambda m: typer.echo(m, err=True))
         summary = {k: v for k, v in result.to_dict().items() if k != "eval"}

@@ -66,11 +66,23 @@ def prepare_examples(
     max_text_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> PreparedExamples:
-    """Encode (or find cached) every utterance's audio with the processor's encoder and tokenise its text."""
+    """Encode (or find cached) every utterance's audio with the processor's encoder and tokenise its text.
+
+    Audio longer than the encoder's window (``model.encoder.max_seconds``) is skipped and counted: cut to
+    the window it would no longer match its transcript."""
+    long_audio = _longer_than(utterances, processor.encoder.config.max_seconds)
+    if long_audio and strict:
+        from conditune.errors import CondituneError
+
+        first = utterances[min(long_audio)].audio
+        raise CondituneError(f"{first}: longer than the encoder's {processor.encoder.config.max_seconds:g} s window")
+    usable = [u for i, u in enumerate(utterances) if i not in long_audio]
     cache = processor.cache
-    lengths, bad = cache.prepare([u.audio for u in utterances], strict=strict, batch_size=batch_size, progress=progress)
+    lengths, bad = cache.prepare([u.audio for u in usable], strict=strict, batch_size=batch_size, progress=progress)
+    if progress and long_audio:
+        progress(len(long_audio))
     examples, too_long = [], 0
-    for i, utt in enumerate(utterances):
+    for i, utt in enumerate(usable):
         if i not in lengths:
             continue
         tokens = processor.tokenize(utt.text)
@@ -79,4 +91,19 @@ def prepare_examples(
             continue
         language = getattr(utt, "language", "en") or "en"
         examples.append(Example(Path(utt.audio), utt.text, language, tokens, lengths[i], getattr(utt, "id", "")))
-    return PreparedExamples(examples, {"bad_audio": len(bad), "text_too_long": too_long})
+    skipped = {"bad_audio": len(bad), "audio_too_long": len(long_audio), "text_too_long": too_long}
+    return PreparedExamples(examples, skipped)
+
+
+def _longer_than(utterances: Sequence, seconds: float) -> set[int]:
+    """Indices of the utterances whose audio (by its header) lasts longer than ``seconds``."""
+    from conditune.data.audio import AudioError, audio_duration
+
+    found = set()
+    for i, utt in enumerate(utterances):
+        try:
+            if audio_duration(utt.audio) > seconds + 1e-3:
+                found.add(i)
+        except AudioError:
+            continue  # unreadable: the encoding pass reports it
+    return found

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conditune.config import check_range, load_config
+from conditune.config import load_config
 from conditune.errors import CondituneError
 from conditune.speech.configuration import TrainableConfig
 from conditune.training.config import TrainConfig, training_part
+from conditune.validation import require_range
 
 ARMS = ("lowest-kappa", "highest-kappa", "random", "lowest-kappa-norm", "adaptor-only", "lora", "kappa-lora", "full")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,15 +60,15 @@ class ExperimentSettings:
             raise CondituneError("experiment.seeds must be a non-empty list of integers")
         if len(set(self.seeds)) != len(self.seeds):
             raise CondituneError("experiment.seeds lists a seed twice")
-        check_range(self.count, "experiment.count", minimum=1)
+        require_range(self.count, "experiment.count", low=1, allow_none=True)
         for key in ("lora_rank", "kappa_lora_rank"):
             value = getattr(self, key)
             if value != "match" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise CondituneError(f"experiment.{key} must be 'match' or a positive integer, not {value!r}")
-        check_range(self.lora_alpha_ratio, "experiment.lora_alpha_ratio", minimum=0, exclusive_minimum=True)
-        check_range(self.match_tolerance, "experiment.match_tolerance", minimum=0)
+        require_range(self.lora_alpha_ratio, "experiment.lora_alpha_ratio", low=0, low_open=True, allow_none=True)
+        require_range(self.match_tolerance, "experiment.match_tolerance", low=0, allow_none=True)
         for key in ("heldout_limit", "max_tokens", "instructions_limit", "agreement_new_tokens", "metric_batch"):
-            check_range(getattr(self, key), f"experiment.{key}", minimum=1)
+            require_range(getattr(self, key), f"experiment.{key}", low=1, allow_none=True)
         for lang, path in self.heldout_text.items():
             if not Path(str(path)).is_file():
                 raise CondituneError(f"experiment.heldout_text.{lang}: {path} not found")

@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conditune.config import check_range, load_config
+from conditune.config import load_config
 from conditune.errors import CondituneError
 from conditune.io import atomic_write_json, atomic_write_text
 from conditune.training.config import TrainConfig, training_part
+from conditune.validation import require_range
 
 # Measured on the 2-core reference machine (see docs/demo.md); used to size the data set and the reserve.
 SYNTH_S_PER_UTT = 0.03  # espeak-ng / flite, one job per core (measured 0.02 s on 2026-12-01)
@@ -60,12 +61,12 @@ class DemoSettings:
     progress: bool = True
 
     def validate(self) -> None:
-        check_range(self.minutes, "--minutes (demo.minutes)", minimum=0, exclusive_minimum=True, allow_none=False)
-        check_range(self.count, "--count (demo.count)", minimum=1)
+        require_range(self.minutes, "--minutes (demo.minutes)", low=0, low_open=True)
+        require_range(self.count, "--count (demo.count)", low=1, allow_none=True)
         for key in ("train_per_language", "dev_per_language", "test_per_language", "max_steps", "vocab_size"):
-            check_range(getattr(self, key), f"demo.{key}", minimum=1)
-        check_range(self.heldout, "--heldout (demo.heldout)", minimum=1)
-        check_range(self.agreement_prompts, "--agreement-prompts (demo.agreement_prompts)", minimum=0)
+            require_range(getattr(self, key), f"demo.{key}", low=1, allow_none=True)
+        require_range(self.heldout, "--heldout (demo.heldout)", low=1, allow_none=True)
+        require_range(self.agreement_prompts, "--agreement-prompts (demo.agreement_prompts)", low=0, allow_none=True)
 
 
 @dataclass
@@ -344,15 +345,21 @@ def stage_evaluate(con: Console, final_dir: Path, cfg: TrainConfig, speech: dict
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> DemoResult:
     """Run the demo within ``demo.minutes`` of wall-clock time; see the module docstring."""
-    from conditune.cli.common import quiet_libraries
-    from conditune.models import conditune_home, model_path
+
+    from conditune.io import check_writable, cleaned_up_on_failure
 
     start, budget = time.monotonic(), float(cfg.demo.minutes) * 60.0
     cfg.validate()
-    quiet_libraries()
     sizes = plan_sizes(budget, cfg.demo)
     check_budget(cfg, sizes)
-    output = Path(cfg.demo.output)
+    output = check_writable(cfg.demo.output, folder=True)
+    with cleaned_up_on_failure(output):
+        return _run_stages(cfg, output, sizes, start, budget)
+
+
+def _run_stages(cfg: DemoConfig, output: Path, sizes: Sizes, start: float, budget: float) -> DemoResult:
+    from conditune.models import conditune_home, model_path
+
     output.mkdir(parents=True, exist_ok=True)
     con = Console(cfg.demo.progress, start, budget)
     timings: dict[str, float] = {}

@@ -89,6 +89,9 @@ def run_experiment(
         if not any(is_done(out, a, s) for a in cfg.experiment.arms for s in cfg.experiment.seeds):
             raise CondituneError(f"{out}: no finished run of these arms and seeds to report on")
     else:
+        from conditune.io import check_writable
+
+        check_writable(out, folder=True)
         fp = check_folder(out, cfg)
         runs = [(arm, seed) for seed in cfg.experiment.seeds for arm in cfg.experiment.arms]
         if cfg.experiment.shard:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from conditune.config import build, check_choice, check_range, rename_keys, to_dict
+from conditune.config import build, rename_keys, to_dict
 from conditune.errors import CondituneError
+from conditune.validation import require_choice, require_range
 
 ENCODER_BACKENDS = ("hf", "ct2")
 TRAINABLE_MODES = ("names", "none", "all", "lora")
@@ -144,27 +145,27 @@ class SpeechLLMConfig:
         return cls.from_dict(data, where=str(file))
 
     def validate(self) -> None:
-        check_choice(self.encoder.backend, "model.encoder.backend", ENCODER_BACKENDS)
+        require_choice(self.encoder.backend, "model.encoder.backend", ENCODER_BACKENDS)
         if not self.encoder.path:
             raise CondituneError("model.encoder.path is not set")
-        check_range(self.encoder.max_seconds, "model.encoder.max_seconds", minimum=0, exclusive_minimum=True)
-        check_range(self.encoder.bucket_seconds, "model.encoder.bucket_seconds", minimum=0)
-        check_range(self.encoder.threads, "model.encoder.threads", minimum=0)
+        require_range(self.encoder.max_seconds, "model.encoder.max_seconds", low=0, low_open=True, allow_none=True)
+        require_range(self.encoder.bucket_seconds, "model.encoder.bucket_seconds", low=0, allow_none=True)
+        require_range(self.encoder.threads, "model.encoder.threads", low=0, allow_none=True)
         if not self.llm.path:
             raise CondituneError("model.llm.path is not set")
-        check_choice(self.trainable.mode, "model.trainable.mode", TRAINABLE_MODES)
+        require_choice(self.trainable.mode, "model.trainable.mode", TRAINABLE_MODES)
         if self.trainable.mode == "names" and not (self.trainable.names_file or self.trainable.names):
             raise CondituneError("model.trainable.mode is 'names' but neither names_file nor names is given")
         if self.trainable.mode == "lora":
-            check_range(self.trainable.lora.r, "model.trainable.lora.r", minimum=1)
-            check_range(self.trainable.lora.dropout, "model.trainable.lora.dropout", minimum=0, maximum=1)
+            require_range(self.trainable.lora.r, "model.trainable.lora.r", low=1, allow_none=True)
+            require_range(self.trainable.lora.dropout, "model.trainable.lora.dropout", low=0, high=1, allow_none=True)
         a = self.adaptor
-        check_range(a.subsample, "model.adaptor.subsample", minimum=1)
-        check_range(a.heads, "model.adaptor.heads", minimum=1)
-        check_range(a.depth, "model.adaptor.depth", minimum=0)
-        check_range(a.ffn_multiplier, "model.adaptor.ffn_multiplier", minimum=1)
-        check_range(a.dropout, "model.adaptor.dropout", minimum=0, maximum=1)
-        check_choice(self.ctc.readout, "model.ctc.readout", CTC_READOUTS)
+        require_range(a.subsample, "model.adaptor.subsample", low=1, allow_none=True)
+        require_range(a.heads, "model.adaptor.heads", low=1, allow_none=True)
+        require_range(a.depth, "model.adaptor.depth", low=0, allow_none=True)
+        require_range(a.ffn_multiplier, "model.adaptor.ffn_multiplier", low=1, allow_none=True)
+        require_range(a.dropout, "model.adaptor.dropout", low=0, high=1, allow_none=True)
+        require_choice(self.ctc.readout, "model.ctc.readout", CTC_READOUTS)
         if self.ctc.readout == "embeddings" and not self.ctc.compress:
             raise CondituneError("model.ctc.readout 'embeddings' needs model.ctc.compress: true")
 

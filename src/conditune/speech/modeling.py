@@ -131,6 +131,9 @@ class SpeechLLM(nn.Module):
     ) -> SpeechLLM:
         """A saved model (``save_pretrained``, a checkpoint, or a 0.1.0 folder); ``overrides`` as dotted config keys
         (``{"llm.path": ...}`` when the base LLM moved); ``llm``: an already loaded base LLM to adapt (its copy)."""
+        from conditune.integrity import verify_manifest
+
+        verify_manifest(directory, missing_ok=True)  # a damaged file: one line naming it, before minutes of loading
         config = SpeechLLMConfig.from_pretrained(directory, overrides)
         if config.encoder_dim is None:
             raise CondituneError(f"{directory}: config records no encoder_dim (not a trained speech model)")
@@ -365,9 +368,15 @@ class SpeechLLM(nn.Module):
 
             # the fingerprint is taken without the delta's tensors: it equals the untouched base's
             save_delta(self.llm, directory / DELTA_DIR, names=names, base_reference=base_reference(self.config.llm))
+        from conditune.integrity import write_manifest
+
+        write_manifest(directory)  # last: size + sha256 of every file, checked before a load
 
     def load_trained_state(self, directory: str | Path, force: bool = False) -> None:
         """Load the adaptor (with its CTC head) and the LLM delta saved by :meth:`save_pretrained`."""
+        from conditune.integrity import verify_manifest
+
+        verify_manifest(directory, missing_ok=True)
         state = {k[len("adaptor.") :]: v for k, v in _read_trained_state(Path(directory)).items()}
         # the CTC vocabulary buffer takes the saved run's size (absent before 2026-12-02: every token)
         saved = state.setdefault("ctc_head.vocabulary", torch.zeros(0, dtype=torch.long))

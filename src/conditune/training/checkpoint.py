@@ -51,6 +51,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def latest_intact_checkpoint(output_dir: str | Path, log=lambda msg: None) -> Path | None:
+    """The newest checkpoint whose files match their integrity record; each damaged newer one is reported
+    through ``log`` and passed over (``--resume`` falls back instead of stopping)."""
+    from conditune.integrity import latest_intact
+
+    newest_first = [path for _, path in reversed(list_checkpoints(output_dir))]
+    chosen, skipped = latest_intact(newest_first, missing_ok=True)  # 0.1.0 checkpoints have no record
+    for path, reason in skipped:
+        log(f"warning: checkpoint {path} is damaged ({reason}); resuming from an earlier one")
+    return chosen
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -109,7 +121,10 @@ def save_checkpoint(
         _torch_save_atomic(scheduler.state_dict(), staging / "scheduler.pt")
         _torch_save_atomic(rng_state(), staging / "rng.pt")
         atomic_write_text(staging / "train_config.yaml", config_yaml)
-        atomic_write_json(staging / STATE_NAME, trainer_state)  # last: marks the folder complete
+        atomic_write_json(staging / STATE_NAME, trainer_state)  # marks the folder complete
+        from conditune.integrity import write_manifest
+
+        write_manifest(staging)  # size + sha256 of every file: damage found later is one line naming the file
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -179,3 +194,22 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A model folder, a checkpoint, or a training output folder (its ``final/`` or latest checkpoint)."""
+    from conditune.speech.configuration import read_model_config
+
+    path = Path(path)
+    if not path.exists():
+        raise CondituneError(f"{path} does not exist")
+    for candidate in (path, path / "final"):
+        try:
+            read_model_config(candidate)
+            return candidate
+        except CondituneError:
+            continue
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise CondituneError(f"{path}: not a speech model, checkpoint or training output folder")

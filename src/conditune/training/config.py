@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from conditune.config import check_choice, check_range, load_config, to_dict, to_yaml
+from conditune.config import load_config, to_dict, to_yaml
 from conditune.errors import CondituneError
 from conditune.speech.configuration import SpeechLLMConfig
+from conditune.validation import require_choice, require_range
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -140,31 +141,31 @@ class TrainConfig:
         """Every value in range, the key named; ``require_data=False`` for a recipe that fills ``data.train`` itself."""
         self.model.validate()
         o, t, e, d, out = self.optimizer, self.training, self.evaluation, self.data, self.output
-        check_choice(o.schedule, "optimizer.schedule", SCHEDULES)
-        check_choice(t.mixed_precision, "training.mixed_precision", PRECISIONS)
+        require_choice(o.schedule, "optimizer.schedule", SCHEDULES)
+        require_choice(t.mixed_precision, "training.mixed_precision", PRECISIONS)
         for key, value in (("lr", o.lr), ("llm_lr", o.llm_lr), ("align_lr", o.align_lr)):
-            check_range(value, f"optimizer.{key}", minimum=0, exclusive_minimum=True)
-        check_range(o.weight_decay, "optimizer.weight_decay", minimum=0)
-        check_range(o.beta1, "optimizer.beta1", minimum=0, maximum=1)
-        check_range(o.beta2, "optimizer.beta2", minimum=0, maximum=1)
-        check_range(o.warmup_steps, "optimizer.warmup_steps", minimum=0)
-        check_range(o.clip_norm, "optimizer.clip_norm", minimum=0, exclusive_minimum=True)
-        check_range(t.max_steps, "training.max_steps", minimum=1)
-        check_range(t.align_steps, "training.align_steps", minimum=0)
-        check_range(t.ctc_weight, "training.ctc_weight", minimum=0)
-        check_range(t.epochs, "training.epochs", minimum=1)
-        check_range(t.max_seconds, "training.max_seconds", minimum=0, exclusive_minimum=True)
-        check_range(t.grad_accum, "training.grad_accum", minimum=1)
-        check_range(d.max_batch, "data.max_batch", minimum=1)
-        check_range(d.encode_batch, "data.encode_batch", minimum=1)
-        check_range(d.max_text_tokens, "data.max_text_tokens", minimum=1)
-        check_range(e.every, "evaluation.every", minimum=0)
-        check_range(e.max_utterances, "evaluation.max_utterances", minimum=1)
-        check_range(e.num_beams, "evaluation.num_beams", minimum=1)
-        check_range(e.max_new_tokens, "evaluation.max_new_tokens", minimum=1)
-        check_range(e.batch_size, "evaluation.batch_size", minimum=1)
+            require_range(value, f"optimizer.{key}", low=0, low_open=True, allow_none=True)
+        require_range(o.weight_decay, "optimizer.weight_decay", low=0, allow_none=True)
+        require_range(o.beta1, "optimizer.beta1", low=0, high=1, allow_none=True)
+        require_range(o.beta2, "optimizer.beta2", low=0, high=1, allow_none=True)
+        require_range(o.warmup_steps, "optimizer.warmup_steps", low=0, allow_none=True)
+        require_range(o.clip_norm, "optimizer.clip_norm", low=0, low_open=True, allow_none=True)
+        require_range(t.max_steps, "training.max_steps", low=1, allow_none=True)
+        require_range(t.align_steps, "training.align_steps", low=0, allow_none=True)
+        require_range(t.ctc_weight, "training.ctc_weight", low=0, allow_none=True)
+        require_range(t.epochs, "training.epochs", low=1, allow_none=True)
+        require_range(t.max_seconds, "training.max_seconds", low=0, low_open=True, allow_none=True)
+        require_range(t.grad_accum, "training.grad_accum", low=1, allow_none=True)
+        require_range(d.max_batch, "data.max_batch", low=1, allow_none=True)
+        require_range(d.encode_batch, "data.encode_batch", low=1, allow_none=True)
+        require_range(d.max_text_tokens, "data.max_text_tokens", low=1, allow_none=True)
+        require_range(e.every, "evaluation.every", low=0, allow_none=True)
+        require_range(e.max_utterances, "evaluation.max_utterances", low=1, allow_none=True)
+        require_range(e.num_beams, "evaluation.num_beams", low=1, allow_none=True)
+        require_range(e.max_new_tokens, "evaluation.max_new_tokens", low=1, allow_none=True)
+        require_range(e.batch_size, "evaluation.batch_size", low=1, allow_none=True)
         for key in ("save_every", "log_every", "keep_last"):  # keep_last 0: keep every checkpoint
-            check_range(getattr(out, key), f"output.{key}", minimum=0)
+            require_range(getattr(out, key), f"output.{key}", low=0, allow_none=True)
         if self.model.ctc.compress and not (t.align_steps or t.ctc_weight):
             raise CondituneError(
                 "model.ctc.compress needs a trained CTC head: set training.align_steps and/or training.ctc_weight"

@@ -147,10 +147,13 @@ class Trainer:
 
     def prepare_output(self, resume: bool | str | Path) -> Path | None:
         """The checkpoint to resume from (None: a fresh run); a fresh run refuses a folder that holds one."""
+        from conditune.io import check_writable
+
+        check_writable(self.out, folder=True)  # before minutes of model loading
         self.out.mkdir(parents=True, exist_ok=True)
         resume_from = None
         if resume:
-            resume_from = ckpt.latest_checkpoint(self.out) if resume is True else Path(resume)
+            resume_from = ckpt.latest_intact_checkpoint(self.out, self.log) if resume is True else Path(resume)
             if resume_from is None:
                 self.log(f"no checkpoint in {self.out / 'checkpoints'}: starting from scratch")
         if resume_from is None and (ckpt.list_checkpoints(self.out) or (self.out / FINAL_DIR).exists()):
@@ -508,9 +511,12 @@ def train(
     ``eval_hook(step, model, processor)``: extra metrics (a flat dict of numbers) at every evaluation, written into
     the same ``eval`` record of ``metrics.jsonl`` (``model``: the unwrapped :class:`~conditune.speech.modeling.SpeechLLM`).
     """
+    from conditune.io import cleaned_up_on_failure
+
     trainer = Trainer(config, log=log, eval_hook=eval_hook)
-    trainer.setup(resume=resume)
-    return trainer.fit(stop_after_steps=stop_after_steps)
+    with cleaned_up_on_failure(trainer.out):
+        trainer.setup(resume=resume)
+        return trainer.fit(stop_after_steps=stop_after_steps)
 
 
 def make_accelerator(mixed_precision: str, cpu: bool, find_unused: bool = False):
