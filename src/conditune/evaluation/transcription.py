@@ -22,6 +22,14 @@ class Evaluation:
     wer: dict[str, Any]  # {"all": %, "<lang>": %, "counts": {...}} (see conditune.evaluation.wer)
     predictions: list[dict[str, Any]] = field(default_factory=list)  # audio, reference, hypothesis, language
 
+    def intervals(self, *, seed: int = 0) -> dict[str, dict[str, float]]:
+        """95 % bootstrap interval of each WER (utterances resampled): ``{group: {"value", "low", "high"}}``."""
+        from conditune.evaluation.wer import wer_intervals
+
+        p = self.predictions
+        return wer_intervals([x["reference"] for x in p], [x["hypothesis"] for x in p], [x["language"] for x in p],
+                             seed=seed)  # fmt: skip
+
     def summary(self) -> dict[str, float]:
         """The WER per group without the counts."""
         return {k: v for k, v in self.wer.items() if k != "counts"}
