@@ -21,9 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from conditune.data.audio import load_audio
 from conditune.data.manifest import read_manifest
-from conditune.evaluation.wer import word_error_rate
+from conditune.evaluation.reference import whisper_reference
 from conditune.io import atomic_write_json, atomic_write_text
 from conditune.machine import machine_description
 from conditune.models import conditune_home
@@ -42,21 +41,15 @@ def main(argv=None) -> int:
     encoder = build_encoder(EncoderConfig(backend="ct2", path=args.model))
     data = read_manifest(args.manifest)
     start = time.monotonic()
-    rows = []
-    for utt in data.utterances:
-        language = utt.language or "en"
-        hyp = encoder.whisper_transcribe(load_audio(utt.audio, sample_rate=16000), language)
-        rows.append({"audio": str(utt.audio), "language": language, "reference": utt.text, "hypothesis": hyp})
+    reference = whisper_reference(data.utterances, encoder)
     seconds = time.monotonic() - start
-    wer = word_error_rate(
-        [r["reference"] for r in rows], [r["hypothesis"] for r in rows], [r["language"] for r in rows]
-    )
-    wer = {k: v for k, v in wer.items() if k != "counts"}
+    rows, wer = reference.predictions, reference.summary()
     result = {
         "what": "Whisper base's own decoder (CTranslate2, greedy, 30 s padding, language forced)",
         "manifest": str(args.manifest),
         "utterances": len(rows),
         "wer": wer,
+        "wer_ci": reference.intervals(),
         "seconds": round(seconds, 1),
         "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
