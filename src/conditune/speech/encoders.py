@@ -199,6 +199,24 @@ class CT2WhisperEncoder(SpeechEncoder):
         )
         return np.array(out, dtype=np.float32)
 
+    def whisper_transcribe(self, waveform: np.ndarray, language: str, *, max_length: int = 96) -> str:
+        """Whisper's *own* decoder on this audio (log-mel padded to 30 s as Whisper was trained, greedy, the
+        language forced, no timestamps): the reference a speech LLM on these frames is compared with."""
+        import tokenizers
+
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = tokenizers.Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        frames = 3000  # Whisper's 30 s window of log-mel frames
+        mel = self.mel(waveform)[:, :frames]
+        mel = np.pad(mel, ((0, 0), (0, frames - mel.shape[1])), constant_values=float(mel.min()))
+        special = ("<|startoftranscript|>", f"<|{language}|>", "<|transcribe|>", "<|notimestamps|>")
+        prompt = [self._tokenizer.token_to_id(t) for t in special]
+        if None in prompt:
+            raise CondituneError(f"{self.path}: the Whisper tokenizer has no token for language {language!r}")
+        storage = self._ct2.StorageView.from_array(np.ascontiguousarray(mel[None], dtype=np.float32))
+        result = self.model.generate(storage, [prompt], max_length=max_length, beam_size=1)
+        return self._tokenizer.decode(result[0].sequences_ids[0]).strip()
+
 
 def _ct2_dim(path: Path, encoder: CT2WhisperEncoder) -> int:
     # the CTranslate2 config does not record d_model; one tiny encode tells it
