@@ -470,6 +470,14 @@ def test_synth_from_fortunes_cli(tmp_path):
         "3",
         "--jobs",
         "2",
+        "--source",
+        "en=fortunes",
+        "--source",
+        "de=fortunes-de",
+        "--heldout-voice",
+        "en=espeak-ng:en-gb",
+        "--heldout-voice",
+        "de=none",
         "--no-progress",
     ]
     assert main(args) == 0
@@ -477,5 +485,10 @@ def test_synth_from_fortunes_cli(tmp_path):
     assert len(rows) == 8 and {r["language"] for r in rows} == {"en", "de"}
     heldout = (out / "heldout_text.de.txt").read_text(encoding="utf-8").splitlines()
     assert len(heldout) == 5 and not set(heldout) & {r["text"] for r in rows}
+    held = [json.loads(x) for x in (out / "test_heldout_voice.jsonl").read_text().splitlines()]
+    assert [(r["language"], r["tts"]["id"]) for r in held] == [("en", "espeak-ng:en-gb")]
+    summary = json.loads((out / "synth_config.json").read_text())
+    assert summary["texts"]["en"].keys() == {"fortunes"} and summary["heldout_voices"] == {"en": "espeak-ng:en-gb"}
+    assert main([*args[:-1], "--source", "de=nope", "--no-progress"]) == 1  # an unknown source: one line, exit 1
     assert main(["data", "check", str(out / "train.jsonl"), "--decode"]) == 0
     assert main(["data", "synth", "--output", str(out), "--languages", "fr", "--no-progress"]) == 1

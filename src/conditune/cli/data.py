@@ -29,6 +29,23 @@ def _parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:
     return pairs
 
 
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _report_synth(result) -> None:
+    typer.echo(
+        f"engines: {', '.join(result.engines)}; synthesised {result.synthesized}, reused {result.reused}, "
+        f"failed {len(result.failed)}",
+        err=True,
+    )
+    for split, path in result.manifests.items():
+        n = sum(counts.get(split, 0) for counts in result.counts.values())
+        typer.echo(f"{split}\t{n}\t{path}")
+    for lang, path in result.heldout.items():
+        typer.echo(f"heldout.{lang}\t{len(path.read_text(encoding='utf-8').splitlines())}\t{path}")
+
+
 def register(app: typer.Typer) -> None:
     group = typer.Typer(help="Speech data: synthetic sets and manifests.", no_args_is_help=True)
 
@@ -75,12 +92,9 @@ def register(app: typer.Typer) -> None:
         """Synthesise train/dev/test (and a held-out-voice test) speech from open-vocabulary text; resumable."""
         from conditune.data.synth import DEFAULT_HELDOUT_VOICES, SynthConfig, synthesize_dataset
 
-        engine_list = (
-            None if engines.strip() in ("", "auto") else tuple(e.strip() for e in engines.split(",") if e.strip())
-        )
         config = SynthConfig(
             output=output,
-            languages=tuple(lang.strip() for lang in languages.split(",") if lang.strip()),
+            languages=_split(languages),
             count_train=count_train,
             count_dev=count_dev,
             count_test=count_test,
@@ -88,28 +102,15 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             jobs=jobs,
             texts=_parse_texts(text),
-            sources={
-                lang: tuple(n.strip() for n in names.split(",") if n.strip())
-                for lang, names in _parse_pairs(source, "--source").items()
-            },
-            engines=engine_list,
+            sources={lang: _split(names) for lang, names in _parse_pairs(source, "--source").items()},
+            engines=None if engines.strip() in ("", "auto") else _split(engines),
             heldout_voices={**DEFAULT_HELDOUT_VOICES, **_parse_pairs(heldout_voice, "--heldout-voice")},
             count_heldout_voice=count_heldout_voice,
             min_words=min_words,
             max_words=max_words,
             vocab_size=vocab_size,
         )
-        result = synthesize_dataset(config, progress=progress, log=lambda msg: typer.echo(msg, err=True))
-        typer.echo(
-            f"engines: {', '.join(result.engines)}; synthesised {result.synthesized}, reused {result.reused}, "
-            f"failed {len(result.failed)}",
-            err=True,
-        )
-        for split, path in result.manifests.items():
-            n = sum(counts.get(split, 0) for counts in result.counts.values())
-            typer.echo(f"{split}\t{n}\t{path}")
-        for lang, path in result.heldout.items():
-            typer.echo(f"heldout.{lang}\t{len(path.read_text(encoding='utf-8').splitlines())}\t{path}")
+        _report_synth(synthesize_dataset(config, progress=progress, log=lambda msg: typer.echo(msg, err=True)))
 
     @group.command("check")
     def check_cmd(

@@ -4,7 +4,7 @@
 | --- | --- | --- | --- | --- |
 | ``mbrola`` | espeak-ng + mbrola | mb-us1, mb-us2, mb-en1 (en); mb-de1, mb-de3, mb-de5, mb-de7 (de): diphones recorded from human speakers | rate, pitch | mbrola, mbrola-<voice> |
 | ``pico`` | pico2wave | en-US, en-GB, de-DE | rate, pitch (SSML-like markup) | libttspico-utils |
-| ``festival`` | text2wave | cmu_us_slt_arctic_hts (HMM voice trained on a human speaker), kal_diphone (en) | rate | festival, festvox-us-slt-hts, festvox-kallpc16k |
+| ``festival`` | festival --pipe | cmu_us_slt_arctic_hts (HMM voice trained on a human speaker), kal_diphone (en) | rate | festival, festvox-us-slt-hts, festvox-kallpc16k |
 | ``flite`` | flite | kal16, awb, rms, slt (en) | rate, mean F0 | flite |
 | ``espeak-ng`` | espeak-ng | formant synthesis, every language; eight English accents | rate, pitch, variant | espeak-ng |
 
@@ -18,9 +18,13 @@ package to install.
 from __future__ import annotations
 
 import ctypes
+import os
+import re
+import select
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +48,9 @@ class Engine:
 
     def version(self) -> str:
         return ""
+
+    def close(self) -> None:
+        """Stop helper processes (festival keeps one per thread)."""
 
 
 def _run(cmd: list[str], text: str | None = None, timeout: float = 120) -> None:
@@ -195,31 +202,92 @@ class Flite(Engine):
             return ""
 
 
+class _FestivalProcess:
+    """One ``festival --pipe`` process: Scheme in on stdin, a marker line back on stdout after each command."""
+
+    def __init__(self, exe: str):
+        self.proc = subprocess.Popen(
+            [exe, "--pipe"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        self.voice = ""
+        self.count = 0
+        self.buffer = b""
+
+    def run(self, scheme: str, timeout: float = 120) -> None:
+        self.count += 1
+        marker = f"CONDITUNE-DONE-{self.count}.".encode()
+        try:
+            self.proc.stdin.write(f'{scheme}\n(format t "\\n{marker.decode()}\\n")\n(fflush nil)\n'.encode())
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise EngineError(f"festival stopped: {exc}") from None
+        deadline = time.monotonic() + timeout
+        while marker not in self.buffer:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, left))
+            chunk = os.read(self.proc.stdout.fileno(), 65536) if ready else b""
+            if not chunk:
+                self.close()
+                raise EngineError("festival stopped answering" if left > 0 else f"festival took over {timeout:.0f} s")
+            self.buffer += chunk
+        self.buffer = self.buffer.split(marker, 1)[1]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 class Festival(Engine):
-    """festival's text2wave: ``kal_diphone`` (duration stretch) or an HTS voice (speech rate ``-r``)."""
+    """festival: ``kal_diphone`` (duration stretch) or an HTS voice (speech rate ``-r``).
+
+    Each thread keeps one ``festival --pipe`` process with the voice loaded (starting festival and
+    loading a voice costs more than speaking a sentence); every utterance sets all of its own
+    parameters, so the audio does not depend on what was spoken before."""
 
     name = "festival"
 
     def __init__(self, exe: str):
         self.exe = exe
+        self._local = threading.local()
+        self._processes: list[_FestivalProcess] = []
+        self._lock = threading.Lock()
+
+    def _process(self) -> _FestivalProcess:
+        process = getattr(self._local, "process", None)
+        if process is None or process.proc.poll() is not None:
+            process = _FestivalProcess(self.exe)
+            self._local.process = process
+            with self._lock:
+                self._processes.append(process)
+        return process
 
     def synthesize(self, text, params, scratch):
         out = scratch / "festival.wav"
-        setup = [f"(voice_{params['voice']})"]
-        if "stretch" in params:
-            setup.append(f"(Parameter.set 'Duration_Stretch {float(params['stretch'])})")
-        if "rate" in params:  # the HTS engine's speech rate; an HTS voice ignores Duration_Stretch
-            setup.append(
-                f'(set! hts_engine_params (append hts_engine_params (list (list "-r" {float(params["rate"])}))))'
-            )
-        cmd = [self.exe, "-o", str(out)]
-        for expression in setup:
-            cmd += ["-eval", expression]
-        _run(cmd, text)
+        process = self._process()
+        voice = str(params["voice"])
+        if not re.fullmatch(r"[A-Za-z0-9_]+", voice):
+            raise EngineError(f"festival: bad voice name {voice!r}")
+        if process.voice != voice:
+            process.run(f"(voice_{voice}) (set! conditune_hts_params hts_engine_params)")
+            process.voice = voice
+        rate = float(params.get("rate", 1.0))
+        quoted = text.replace("\\", " ").replace('"', " ")
+        process.run(
+            f"(Parameter.set 'Duration_Stretch {float(params.get('stretch', 1.0))}) "
+            f'(set! hts_engine_params (append conditune_hts_params (list (list "-r" {rate})))) '
+            f'(utt.save.wave (SynthText "{quoted}") "{out}" (quote riff))'
+        )
         return _read_wav(out)
 
+    def close(self) -> None:
+        with self._lock:
+            for process in self._processes:
+                process.close()
+            self._processes.clear()
+
     def version(self) -> str:
-        return _first_line([self.exe.replace("text2wave", "festival"), "--version"])
+        return _first_line([self.exe, "--version"])
 
 
 class Pico(Engine):
@@ -287,22 +355,27 @@ ESPEAK_VOICES = {
 }
 ESPEAK_VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
 
+# Weights follow Whisper base's WER on each voice (results/data/voices.md): the intelligible voices
+# built from human recordings carry the mix, espeak-ng's formant voices little.
 VOICES: tuple[Voice, ...] = (
-    Voice("mbrola", "mb-us1", "en", 0.12, True, "mbrola-us1"),
-    Voice("mbrola", "mb-us2", "en", 0.12, True, "mbrola-us2"),
-    Voice("mbrola", "mb-en1", "en", 0.12, True, "mbrola-en1"),
-    Voice("pico", "en-US", "en", 0.10, True, "libttspico-utils"),
-    Voice("pico", "en-GB", "en", 0.10, True, "libttspico-utils"),
-    Voice("festival", "cmu_us_slt_arctic_hts", "en", 0.14, True, "festvox-us-slt-hts"),
-    Voice("festival", "kal_diphone", "en", 0.04, True, "festvox-kallpc16k"),
-    *(Voice("flite", name, "en", 0.025, True, "flite") for name in ("kal16", "awb", "rms", "slt")),
-    *(Voice("espeak-ng", name, "en", 0.02, False, "espeak-ng") for name in ESPEAK_VOICES["en"]),
-    Voice("mbrola", "mb-de1", "de", 0.15, True, "mbrola-de1"),
-    Voice("mbrola", "mb-de3", "de", 0.15, True, "mbrola-de3"),
-    Voice("mbrola", "mb-de5", "de", 0.15, True, "mbrola-de5"),
-    Voice("mbrola", "mb-de7", "de", 0.15, True, "mbrola-de7"),
-    Voice("pico", "de-DE", "de", 0.20, True, "libttspico-utils"),
-    Voice("espeak-ng", "de", "de", 0.20, False, "espeak-ng"),
+    Voice("pico", "en-US", "en", 0.14, True, "libttspico-utils"),
+    Voice("pico", "en-GB", "en", 0.14, True, "libttspico-utils"),
+    Voice("festival", "cmu_us_slt_arctic_hts", "en", 0.10, True, "festvox-us-slt-hts"),
+    Voice("mbrola", "mb-us1", "en", 0.10, True, "mbrola-us1"),
+    Voice("mbrola", "mb-us2", "en", 0.10, True, "mbrola-us2"),
+    Voice("mbrola", "mb-en1", "en", 0.08, True, "mbrola-en1"),
+    Voice("flite", "slt", "en", 0.08, True, "flite"),
+    Voice("flite", "rms", "en", 0.08, True, "flite"),
+    Voice("flite", "awb", "en", 0.06, True, "flite"),
+    Voice("flite", "kal16", "en", 0.03, True, "flite"),
+    Voice("festival", "kal_diphone", "en", 0.03, True, "festvox-kallpc16k"),
+    *(Voice("espeak-ng", name, "en", 0.01, False, "espeak-ng") for name in ESPEAK_VOICES["en"]),
+    Voice("pico", "de-DE", "de", 0.35, True, "libttspico-utils"),
+    Voice("mbrola", "mb-de1", "de", 0.20, True, "mbrola-de1"),
+    Voice("mbrola", "mb-de5", "de", 0.20, True, "mbrola-de5"),
+    Voice("mbrola", "mb-de7", "de", 0.20, True, "mbrola-de7"),
+    Voice("mbrola", "mb-de3", "de", 0.10, True, "mbrola-de3"),
+    Voice("espeak-ng", "de", "de", 0.05, False, "espeak-ng"),
 )
 ENGINES = ("espeak-ng", "mbrola", "pico", "festival", "flite")
 ENGINE_PACKAGES = {  # what to apt-get install (Pico and MBROLA voices: Debian non-free, mbrola: contrib)
@@ -374,7 +447,7 @@ def find_engine(name: str) -> Engine | None:
         exe = shutil.which("pico2wave")
         return Pico(exe) if exe else None
     if name == "festival":
-        exe = shutil.which("text2wave")
+        exe = shutil.which("festival")
         return Festival(exe) if exe else None
     if name == "flite":
         exe = shutil.which("flite")

@@ -12,7 +12,8 @@ decimals ("three point one four", "drei Komma eins vier"), English ordinals ("21
 "neunzehnhundertvierundachtzig"), amounts of money ($, €, £), percentages and a few units after a
 number (km, kg, cm, mm). What cannot be spelled out without knowing the grammar is left as it is:
 German ordinals ("am 3. Mai": dritten, dritte, ...) and a German "1" before a word (ein, eine,
-einen, ...). The sentence filter (:func:`conditune.data.texts.accept_sentence`) then drops a
+einen, ...). German words in the pre-1996 spelling with "ß" after a short vowel ("daß", "muß")
+take today's ("dass", "muss"). The sentence filter (:func:`conditune.data.texts.accept_sentence`) then drops a
 sentence that still has digits. Other languages are returned unchanged apart from whitespace. The
 function is idempotent: its output normalises to itself.
 """
@@ -73,6 +74,41 @@ ABBREVIATIONS: dict[str, dict[str, str]] = {
         "Mrd.": "Milliarden",
     },
 }
+# Pre-1996 German spellings (frequent in fortunes-de) in today's form: "daß" is "dass" to a listener,
+# and a transcript must not teach two spellings of one word. Only words whose ß follows a short vowel.
+_OLD_SPELLING = {
+    "daß": "dass",
+    "muß": "muss",
+    "mußt": "musst",
+    "mußte": "musste",
+    "mußten": "mussten",
+    "müßte": "müsste",
+    "müßten": "müssten",
+    "läßt": "lässt",
+    "laß": "lass",
+    "laßt": "lasst",
+    "ißt": "isst",
+    "vergißt": "vergisst",
+    "wißt": "wisst",
+    "gewiß": "gewiss",
+    "bißchen": "bisschen",
+    "Schluß": "Schluss",
+    "Haß": "Hass",
+    "Fluß": "Fluss",
+    "Kuß": "Kuss",
+    "Schloß": "Schloss",
+    "Genuß": "Genuss",
+    "Prozeß": "Prozess",
+    "naß": "nass",
+    "Paß": "Pass",
+    "Faß": "Fass",
+    "Biß": "Biss",
+    "Riß": "Riss",
+    "Nuß": "Nuss",
+}
+_OLD_SPELLING_PATTERN = re.compile(
+    r"(?<!\w)(" + "|".join(sorted(map(re.escape, _OLD_SPELLING), key=len, reverse=True)) + r")(?!\w)", re.IGNORECASE
+)
 _AND = {"en": "and", "de": "und"}
 _PERCENT = {"en": "percent", "de": "Prozent"}
 _POINT = {"en": "point", "de": "Komma"}
@@ -213,6 +249,14 @@ def _spell_numbers(text: str, language: str) -> str:
     return "".join(out)
 
 
+def _modern_spelling(match: re.Match) -> str:
+    found = match.group(1)
+    modern = _OLD_SPELLING.get(found) or _OLD_SPELLING.get(found.lower()) or _OLD_SPELLING.get(found.capitalize())
+    if modern is None:
+        return found
+    return modern[0].upper() + modern[1:] if found[0].isupper() else modern[0].lower() + modern[1:]
+
+
 def normalize_transcript(text: str, language: str) -> str:
     """``text`` as it is spoken: numbers, abbreviations and symbols written out (English, German).
 
@@ -224,6 +268,8 @@ def normalize_transcript(text: str, language: str) -> str:
     starts_lower = text[0].islower()
     text = _expand_abbreviations(text, language)
     text = re.sub(r"\s&\s", f" {_AND[language]} ", text)
+    if language == "de" and "ß" in text:
+        text = _OLD_SPELLING_PATTERN.sub(_modern_spelling, text)
     if re.search(r"\d", text):
         text = _spell_numbers(text, language)
     if not starts_lower and text[:1].islower():

@@ -107,7 +107,7 @@ PEAK_LEVEL = (0.5, 0.95)
 # --------------------------------------------------------------------------------------------
 
 
-def _rng(*parts: object) -> np.random.Generator:
+def seeded_rng(*parts: object) -> np.random.Generator:
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
     return np.random.default_rng([int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)])
 
@@ -165,7 +165,7 @@ def choose_voice(
             f"{language}: no voice to speak it with engines {', '.join(engines)}"
             + (f" once {', '.join(exclude)} is held out" if exclude else "")
         )
-    rng = _rng("voice", seed, language, text)
+    rng = seeded_rng("voice", seed, language, text)
     weights = np.array([v.weight for v in candidates], dtype=np.float64)
     voice = candidates[int(rng.choice(len(candidates), p=weights / weights.sum()))]
     return voice_params(voice, rng)
@@ -173,7 +173,7 @@ def choose_voice(
 
 def heldout_voice_params(text: str, language: str, seed: int, voice_id: str) -> dict[str, Any]:
     """The held-out voice's settings for one test sentence (its own prosody draw)."""
-    return voice_params(find_voice(voice_id), _rng("heldout-voice", seed, language, text))
+    return voice_params(find_voice(voice_id), seeded_rng("heldout-voice", seed, language, text))
 
 
 @dataclass
@@ -218,7 +218,7 @@ def plan_texts(
     stay for train. ``vocab_size``: train/dev/test come from the common-words-only part of the pool (in
     the same shuffled order), the held-out text from the rest of the pool."""
     pool = sorted(set(sentences))
-    order = _rng("split", seed, language).permutation(len(pool))
+    order = seeded_rng("split", seed, language).permutation(len(pool))
     pool = [pool[i] for i in order]
     spoken = common_words_only(pool, vocab_size) if vocab_size else pool
     needed = sum(counts.get(s, 0) for s in SPLITS)
@@ -296,7 +296,7 @@ class SynthResult:
     speed: dict[str, Any] = field(default_factory=dict)  # measured synthesis seconds (synth_config.json)
 
 
-def _synthesize_item(item: SynthItem, engine: Engine, sample_rate: int) -> tuple[float, float]:
+def synthesize_item(item: SynthItem, engine: Engine, sample_rate: int) -> tuple[float, float]:
     """Write ``item.audio``; returns (its duration, seconds the engine and the conversion took)."""
     from conditune.data.audio import save_wav, to_mono_resampled
 
@@ -493,7 +493,7 @@ def _run_items(
     try:
         with ThreadPoolExecutor(max_workers=max(1, int(config.jobs))) as pool:
             futures = {
-                pool.submit(_synthesize_item, item, engines[item.voice["engine"]], config.sample_rate): item
+                pool.submit(synthesize_item, item, engines[item.voice["engine"]], config.sample_rate): item
                 for item in todo
             }
             for future in as_completed(futures):
@@ -580,7 +580,11 @@ def synthesize_dataset(
     reused = len(items) - len(todo)
     if reused:
         log(f"reusing {reused} files already synthesised")
-    timings, failed, wall = _run_items(todo, engines, config, progress)
+    try:
+        timings, failed, wall = _run_items(todo, engines, config, progress)
+    finally:
+        for engine in engines.values():
+            engine.close()
     durations.update({utt_id: duration for utt_id, (duration, _) in timings.items()})
     if todo and len(failed) == len(todo):
         raise CondituneError(f"speech synthesis failed for all {len(todo)} utterances: {failed[0][1]}")
@@ -717,11 +721,11 @@ def measure_synthesis_speed(
                         lang,
                         "probe",
                         text,
-                        voice_params(voice, _rng("probe", index)),
+                        voice_params(voice, seeded_rng("probe", index)),
                         Path(tmp) / f"{index}.wav",
                     )
                     try:
-                        seconds.append(_synthesize_item(item, found[voice.engine], SAMPLE_RATE)[1])
+                        seconds.append(synthesize_item(item, found[voice.engine], SAMPLE_RATE)[1])
                     except EngineError:
                         continue
                 if seconds:
@@ -731,4 +735,6 @@ def measure_synthesis_speed(
                         times.append(per_voice[voice.id])
             if weights:
                 per_language[lang] = round(float(np.average(times, weights=weights)), 4)
+    for engine in found.values():
+        engine.close()
     return SynthSpeed(per_voice=per_voice, per_language=per_language, load_average=round(os.getloadavg()[0], 2))
