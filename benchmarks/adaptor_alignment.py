@@ -3,8 +3,8 @@
 
 The cheapest test of whether the adaptor can carry the words to the LLM: train it alone (the LLM is not
 run) on the alignment stage's CTC loss, where every adaptor output is scored against the LLM's own frozen
-token embeddings plus a learned blank (``SpeechLLM.ctc_loss``, the same code as ``train.align_steps``),
-then greedy-decode the dev set with ``SpeechLLM.ctc_transcribe`` and score it with the project's WER.
+token embeddings plus a learned blank (the CTC head, the same code as ``training.align_steps``), then
+greedy-decode the dev set with ``SpeechLLM.ctc_greedy_ids`` and score it with the project's WER.
 
 Each setting (adaptor learning rate x data set) trains a fresh adaptor from the same seed for the same
 number of steps at the same batch size. Found with these probes on 2026-12-02: the adaptor's post-norm
@@ -32,19 +32,21 @@ from pathlib import Path
 
 import torch
 
-from conditune.demo import machine_description
+from conditune.config import to_dict
+from conditune.data.examples import balanced_subset, prepare_examples, read_manifests
 from conditune.evaluation.wer import word_error_rate
 from conditune.io import atomic_write_json, atomic_write_text
-from conditune.speech.features import pad_frames
+from conditune.machine import machine_description
+from conditune.models import conditune_home
 from conditune.speech.modeling import SpeechLLM
+from conditune.speech.processing import SpeechProcessor
 from conditune.training.config import load_train_config
-from conditune.training.trainer import balanced_subset, make_cache, prepare_examples, read_manifests
 
 
 def probe(
     model: SpeechLLM,
     fresh_state: dict,
-    cache,
+    processor: SpeechProcessor,
     train_ex,
     dev_ex,
     *,
@@ -64,12 +66,12 @@ def probe(
     warmup = min(20, steps // 10)
 
     def frames(examples):
-        return pad_frames(cache.get([str(e.audio) for e in examples]))
+        return processor.frames([str(e.audio) for e in examples])
 
     def dev_wer() -> float:
         hyps = []
         for i in range(0, len(dev_ex), 16):
-            hyps += model.ctc_transcribe(*frames(dev_ex[i : i + 16]))
+            hyps += processor.batch_decode(model.ctc_greedy_ids(*frames(dev_ex[i : i + 16])))
         return word_error_rate([e.text for e in dev_ex], hyps, [e.language for e in dev_ex])["all"]
 
     curve, step, start, losses = [], 0, time.perf_counter(), []
@@ -137,19 +139,21 @@ def main(argv=None) -> int:
             print(f"error: {folder}: no train.jsonl/dev.jsonl (make it with conditune data synth)", file=sys.stderr)
             return 2
 
-    config = load_train_config(args.config, ["model.trainable.mode=none", f"train.seed={args.seed}"])
+    config = load_train_config(args.config, ["model.trainable.mode=none", f"training.seed={args.seed}"])
     torch.manual_seed(args.seed)
-    model = SpeechLLM.build(config.model, for_training=True)
+    processor = SpeechProcessor.from_config(
+        config.model, cache_dir=config.data.feature_cache or conditune_home() / "features"
+    )
+    model = SpeechLLM.build(config.model, encoder_dim=processor.encoder.dim, tokenizer=processor.tokenizer)
     fresh_state = {k: v.clone() for k, v in model.adaptor.state_dict().items()}  # every setting starts here
-    cache = make_cache(config, model.encoder)
 
     settings = []
     for folder in datasets:
-        train_utts, _ = read_manifests(str(folder / "train.jsonl"), False)
-        dev_utts = balanced_subset(read_manifests(str(folder / "dev.jsonl"), False)[0], args.dev_utterances)
+        train_utts, _ = read_manifests(folder / "train.jsonl")
+        dev_utts = balanced_subset(read_manifests(folder / "dev.jsonl")[0], args.dev_utterances)
         print(f"{folder}: encoding {len(train_utts) + len(dev_utts)} utterances (cached)", flush=True)
-        train_ex, _ = prepare_examples(train_utts, model, cache, strict=False, batch_size=16, max_text_tokens=256)
-        dev_ex, _ = prepare_examples(dev_utts, model, cache, strict=False, batch_size=16, max_text_tokens=256)
+        train_ex = prepare_examples(train_utts, processor, max_text_tokens=256).examples
+        dev_ex = prepare_examples(dev_utts, processor, max_text_tokens=256).examples
         tokens = [t for e in train_ex for t in e.tokens]
         once = sum(1 for n in Counter(tokens).values() if n == 1)
         for lr in lrs:
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
             result = probe(
                 model,
                 fresh_state,
-                cache,
+                processor,
                 train_ex,
                 dev_ex,
                 lr=lr,
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "batch": args.batch,
         "seed": args.seed,
-        "adaptor": vars(config.model.adaptor),
+        "adaptor": to_dict(config.model.adaptor),
         "settings": settings,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -19,17 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from conditune.cli.transcribe import resolve_model_dir
-from conditune.demo import machine_description
 from conditune.errors import CondituneError
-from conditune.evaluation.forgetting import (
-    DEFAULT_INSTRUCTIONS,
-    greedy_agreement,
-    load_llm_pair,
-    read_texts,
-    text_metrics,
-)
+from conditune.evaluation.forgetting import DEFAULT_INSTRUCTIONS, ForgettingProbe, read_texts
+from conditune.evaluation.pair import load_trained_pair
 from conditune.io import atomic_write_json
+from conditune.machine import machine_description
+from conditune.training.checkpoint import find_model_dir
 
 
 def main(argv=None) -> int:
@@ -49,18 +44,22 @@ def main(argv=None) -> int:
             raise SystemExit(f"forgetting_of_run: --heldout wants LANG=PATH, got {item!r}")
         heldout[lang] = path
     start = time.monotonic()
-    base, adapted, tokenizer = load_llm_pair(resolve_model_dir(args.run))
-    result: dict = {"run": str(args.run), "machine": machine_description(), "forgetting": {}}
-    for lang, path in heldout.items():
-        m = text_metrics(base, adapted, tokenizer, read_texts(path, limit=args.limit), batch_size=16, max_tokens=128)
-        result["forgetting"][lang] = m
+    probe = ForgettingProbe(
+        texts={lang: read_texts(path, limit=args.limit) for lang, path in heldout.items()},
+        prompts={"en": DEFAULT_INSTRUCTIONS["en"][: args.prompts]} if args.prompts else {},
+        batch_size=16,
+        max_tokens=128,
+    )
+    pair = load_trained_pair(find_model_dir(args.run))
+    measured = probe.measure(pair.base, pair.adapted, pair.processor.tokenizer)
+    for lang, m in measured.text.items():
         print(
             f"{lang}: perplexity {m['perplexity_base']:.2f} -> {m['perplexity_adapted']:.2f}, KL {m['kl_to_base']:.4f}"
         )
-    if args.prompts:
-        a = greedy_agreement(base, adapted, tokenizer, DEFAULT_INSTRUCTIONS["en"][: args.prompts], max_new_tokens=24)
-        result["agreement"] = a
-        print(f"greedy agreement: {100 * a['agreement']:.1f}% of tokens")
+    result: dict = {"run": str(args.run), "machine": machine_description(), "forgetting": measured.text}
+    if "en" in measured.agreement:
+        result["agreement"] = measured.agreement["en"]
+        print(f"greedy agreement: {100 * result['agreement']['agreement']:.1f}% of tokens")
     result["seconds"] = round(time.monotonic() - start, 1)
     atomic_write_json(args.output, result)
     return 0

@@ -3,10 +3,10 @@
 
 For each installed voice of ``conditune.data.engines.VOICES`` (one espeak-ng English accent stands
 for the eight), the same ``--count`` sentences per language are spoken with that voice (prosody drawn
-as for training) and transcribed by Whisper base (CTranslate2, greedy, language forced:
-``benchmarks/whisper_reference.py``'s ``transcribe``), then scored with ``conditune evaluate``'s
-normalisers. A voice with a high WER produces speech even a strong recogniser cannot read and should
-not be in the training mix; the synthesis seconds per utterance are measured on the same run.
+as for training) and transcribed by Whisper base's own decoder (CTranslate2, greedy, language forced:
+``conditune.evaluation.reference.whisper_reference``, as ``benchmarks/whisper_reference.py``), scored
+with the speech LLM's normalisers. A voice with a high WER produces speech even a strong recogniser
+cannot read and should not be in the training mix; the synthesis seconds per utterance are measured on the same run.
 
 The sentences are drawn from the language's text pool with their own seed (``--seed``), so they are
 not the demo's test split. Writes ``results/data/voices.json`` and ``voices.md`` atomically, with
@@ -28,15 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from conditune.data import engines, synth
-from conditune.data.audio import load_audio
-from conditune.demo import machine_description
-from conditune.evaluation.wer import word_error_rate
+from conditune.data.manifest import Utterance
+from conditune.evaluation.reference import whisper_reference
 from conditune.io import atomic_write_json, atomic_write_text
-from conditune.speech.config import EncoderConfig
+from conditune.machine import machine_description
+from conditune.speech.configuration import EncoderConfig
 from conditune.speech.encoders import build_encoder
-
-sys.path.insert(0, str(Path(__file__).parent))
-from whisper_reference import transcribe
 
 
 def sentences_for(language: str, count: int, seed: int) -> list[str]:
@@ -55,27 +52,30 @@ def voices_to_check() -> list[engines.Voice]:
     ]
 
 
-def run_voice(voice, sentences, engine, encoder, tokenizer, scratch: Path) -> dict:
-    rows, synth_seconds, audio_seconds = [], [], 0.0
+def run_voice(voice, sentences, engine, encoder, scratch: Path) -> dict:
+    utterances, settings, synth_seconds, audio_seconds = [], [], [], 0.0
     for index, text in enumerate(sentences):
         params = synth.voice_params(voice, synth.seeded_rng("intelligibility", voice.id, index))
         item = synth.SynthItem(f"{voice.id}-{index}", voice.language, "check", text, params, scratch / f"{index}.wav")
         duration, seconds = synth.synthesize_item(item, engine, synth.SAMPLE_RATE)
         synth_seconds.append(seconds)
         audio_seconds += duration
-        hypothesis = transcribe(encoder, tokenizer, load_audio(item.audio), voice.language)
-        rows.append({"reference": text, "hypothesis": hypothesis, "tts": params})
-    wer = word_error_rate([r["reference"] for r in rows], [r["hypothesis"] for r in rows], voice.language)
+        utterances.append(Utterance(item.id, item.audio, text, voice.language))
+        settings.append(params)
+    evaluation = whisper_reference(utterances, encoder)
     return {
         "voice": voice.id,
         "language": voice.language,
         "human": voice.human,
         "weight": voice.weight,
-        "utterances": len(rows),
-        "wer": wer[voice.language],
+        "utterances": len(utterances),
+        "wer": evaluation.wer[voice.language],
         "synth_seconds_per_utterance": round(float(np.mean(synth_seconds)), 4),
-        "audio_seconds_per_utterance": round(audio_seconds / len(rows), 2),
-        "predictions": rows,
+        "audio_seconds_per_utterance": round(audio_seconds / len(utterances), 2),
+        "predictions": [
+            {"reference": p["reference"], "hypothesis": p["hypothesis"], "tts": tts}
+            for p, tts in zip(evaluation.predictions, settings)
+        ],
     }
 
 
@@ -86,10 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--languages", default="en,de")
     parser.add_argument("--output", type=Path, default=Path("results/data/voices.json"))
     args = parser.parse_args(argv)
-    import tokenizers
-
     encoder = build_encoder(EncoderConfig(backend="ct2", path="demo:whisper-base"))
-    tokenizer = tokenizers.Tokenizer.from_file(str(encoder.path / "tokenizer.json"))
     found = engines.available_engines(None)
     languages = [lang.strip() for lang in args.languages.split(",") if lang.strip()]
     texts = {lang: sentences_for(lang, args.count, args.seed) for lang in languages}
@@ -99,7 +96,7 @@ def main(argv=None) -> int:
         for voice in voices_to_check():
             if voice.language not in texts:
                 continue
-            result = run_voice(voice, texts[voice.language], found[voice.engine], encoder, tokenizer, Path(tmp))
+            result = run_voice(voice, texts[voice.language], found[voice.engine], encoder, Path(tmp))
             print(
                 f"{voice.id}: WER {result['wer']:.1f} %, {result['synth_seconds_per_utterance']:.3f} s/utt", flush=True
             )

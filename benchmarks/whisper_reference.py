@@ -21,32 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from conditune.data.audio import load_audio
 from conditune.data.manifest import read_manifest
-from conditune.demo import machine_description
-from conditune.evaluation.wer import word_error_rate
+from conditune.evaluation.reference import whisper_reference
 from conditune.io import atomic_write_json, atomic_write_text
+from conditune.machine import machine_description
 from conditune.models import conditune_home
-from conditune.speech.config import EncoderConfig
+from conditune.speech.configuration import EncoderConfig
 from conditune.speech.encoders import build_encoder
-
-WHISPER_FRAMES = 3000  # 30 s of log-mel
-
-
-def transcribe(encoder, tokenizer, waveform: np.ndarray, language: str, max_length: int = 96) -> str:
-    mel = encoder.mel(waveform)[:, :WHISPER_FRAMES]
-    mel = np.pad(mel, ((0, 0), (0, WHISPER_FRAMES - mel.shape[1])), constant_values=float(mel.min()))
-    prompt = [
-        tokenizer.token_to_id(t)
-        for t in ("<|startoftranscript|>", f"<|{language}|>", "<|transcribe|>", "<|notimestamps|>")
-    ]
-    if None in prompt:
-        raise SystemExit(f"whisper_reference: the tokenizer has no token for language {language!r}")
-    storage = encoder._ct2.StorageView.from_array(np.ascontiguousarray(mel[None], dtype=np.float32))
-    result = encoder.model.generate(storage, [prompt], max_length=max_length, beam_size=1)
-    return tokenizer.decode(result[0].sequences_ids[0]).strip()
 
 
 def main(argv=None) -> int:
@@ -57,27 +38,18 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--output", type=Path, default=Path("results/demo/whisper_reference.json"))
     args = parser.parse_args(argv)
-    import tokenizers
-
     encoder = build_encoder(EncoderConfig(backend="ct2", path=args.model))
-    tokenizer = tokenizers.Tokenizer.from_file(str(encoder.path / "tokenizer.json"))
     data = read_manifest(args.manifest)
     start = time.monotonic()
-    rows = []
-    for utt in data.utterances:
-        language = utt.language or "en"
-        hyp = transcribe(encoder, tokenizer, load_audio(utt.audio, sample_rate=16000), language)
-        rows.append({"audio": str(utt.audio), "language": language, "reference": utt.text, "hypothesis": hyp})
+    reference = whisper_reference(data.utterances, encoder)
     seconds = time.monotonic() - start
-    wer = word_error_rate(
-        [r["reference"] for r in rows], [r["hypothesis"] for r in rows], [r["language"] for r in rows]
-    )
-    wer = {k: v for k, v in wer.items() if k != "counts"}
+    rows, wer = reference.predictions, reference.summary()
     result = {
         "what": "Whisper base's own decoder (CTranslate2, greedy, 30 s padding, language forced)",
         "manifest": str(args.manifest),
         "utterances": len(rows),
         "wer": wer,
+        "wer_ci": reference.intervals(),
         "seconds": round(seconds, 1),
         "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),

@@ -235,3 +235,35 @@ def model_config(whisper: Path, llm: Path, mode: str = "all", **trainable) -> di
         "adaptor": {"subsample": 4, "depth": 2, "heads": 4, "dropout": 0.0},
         "trainable": {"mode": mode, **trainable},
     }
+
+
+def build_speech_model(config: dict, **kwargs):
+    """(SpeechLLM, SpeechProcessor) for a ``model:`` config dict, through the real loaders."""
+    from conditune.speech.configuration import SpeechLLMConfig
+    from conditune.speech.modeling import SpeechLLM
+    from conditune.speech.processing import SpeechProcessor
+
+    cfg = SpeechLLMConfig.from_dict(config)
+    processor = SpeechProcessor.from_config(cfg)
+    model = SpeechLLM.build(cfg, encoder_dim=processor.encoder.dim, tokenizer=processor.tokenizer, **kwargs)
+    return model, processor
+
+
+def load_speech_model(directory):
+    """(SpeechLLM, SpeechProcessor) of a saved model folder."""
+    from conditune.speech.modeling import SpeechLLM
+    from conditune.speech.processing import SpeechProcessor
+
+    return SpeechLLM.from_pretrained(directory), SpeechProcessor.from_pretrained(directory)
+
+
+def train_config(model: dict, data: dict, **flat):
+    """A training config dict in today's sections from 0.1.0-style flat training keys (``lr=``, ``max_steps=``...),
+    mapped through the one table of renamed keys."""
+    from conditune.config import set_dotted
+    from conditune.training.config import TrainConfig
+
+    cfg = {"model": model, "data": data}
+    for key, value in flat.items():
+        set_dotted(cfg, TrainConfig.RENAMED_KEYS[f"train.{key}"], value)
+    return cfg

@@ -7,16 +7,24 @@ from pathlib import Path
 import pytest
 
 from conditune.experiment.config import load_experiment_config
+from conditune.recipes import CONFIG_DIR as CONFIGS
 from conditune.training.config import load_train_config
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_speech_demo_config_validates():
-    cfg = load_train_config(CONFIGS / "speech_demo.yaml")
+    cfg = load_train_config(CONFIGS / "speech_demo.yaml")  # `conditune train` reads the demo's recipe too
     cfg.validate()
-    assert cfg.model.adaptor.ctc_compress and cfg.model.adaptor.ctc_readout == "embeddings"
-    assert cfg.train.align_steps > 0 and cfg.train.ctc_weight > 0
+    assert cfg.model.ctc.compress and cfg.model.ctc.readout == "embeddings"
+    assert cfg.training.align_steps > 0 and cfg.training.ctc_weight > 0
+    from conditune.recipes.demo import load_demo_config
+
+    demo = load_demo_config()  # the shipped one by default
+    assert demo.demo.minutes == 30 and demo.model == cfg.model and demo.optimizer == cfg.optimizer
+
+
+def test_the_source_checkout_configs_folder_is_the_shipped_one():
+    root = Path(__file__).resolve().parent.parent / "configs"
+    assert root.resolve() == CONFIGS.resolve()
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("experiment_*.yaml")))

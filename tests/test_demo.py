@@ -80,21 +80,21 @@ def test_verify_not_installed(tmp_path, monkeypatch):
 
 
 def test_plan_sizes_follow_budget():
-    from conditune.demo import DemoOptions, eval_reserve, plan_sizes
+    from conditune.recipes.demo import DemoSettings, eval_reserve, plan_sizes
 
-    full = plan_sizes(30 * 60, DemoOptions())
+    full = plan_sizes(30 * 60, DemoSettings())
     assert (full.train, full.dev, full.test) == (600, 8, 30)
-    small = plan_sizes(3 * 60, DemoOptions())
+    small = plan_sizes(3 * 60, DemoSettings())
     assert 4 <= small.train < full.train and small.test >= 2
-    fixed = plan_sizes(60, DemoOptions(train_per_language=6, dev_per_language=2, test_per_language=3))
+    fixed = plan_sizes(60, DemoSettings(train_per_language=6, dev_per_language=2, test_per_language=3))
     assert (fixed.train, fixed.dev, fixed.test) == (6, 2, 3)
-    assert eval_reserve(full, DemoOptions()) < 0.25 * 30 * 60
+    assert eval_reserve(full, DemoSettings()) < 0.25 * 30 * 60
 
 
 def test_data_stage_cached_by_settings(tmp_path):
     pytest.importorskip("soundfile")
     from conditune.data.synth import available_engines
-    from conditune.demo import Sizes, _Console, stage_data
+    from conditune.recipes.demo import Console, Sizes, stage_data
 
     try:
         available_engines(None)
@@ -102,7 +102,7 @@ def test_data_stage_cached_by_settings(tmp_path):
         pytest.skip(str(exc))
     if not Path("/usr/share/games/fortunes/de").is_dir():
         pytest.skip("fortunes-de not installed")
-    con = _Console(False, 0.0, 60.0)
+    con = Console(False, 0.0, 60.0)
     sizes = Sizes(train=2, dev=1, test=1, heldout=5)
     files, cached = stage_data(con, tmp_path / "speech", sizes, progress=False)
     assert not cached and all(f.is_file() for f in files.values())
@@ -114,9 +114,11 @@ def test_data_stage_cached_by_settings(tmp_path):
 
 
 def test_report_and_plots(tmp_path):
-    from conditune.demo import plot_kappa, plot_training, write_report
+    from conditune.recipes.demo_report import write_report
     from conditune.scanning.records import TensorRecord
     from conditune.selection import select
+    from conditune.selection.plots import plot_selection
+    from conditune.training.plots import plot_training
 
     metrics_file = tmp_path / "metrics.jsonl"
     rows = [{"kind": "train", "step": s, "loss": 5.0 / s} for s in range(1, 6)]
@@ -138,7 +140,7 @@ def test_report_and_plots(tmp_path):
         }
         records.append(TensorRecord(**{k: v for k, v in kw.items() if k in fields}))
     selection = select(records, "lowest", count=2)
-    plot_kappa(records, selection, tmp_path / "kappa.png")
+    plot_selection(records, selection, tmp_path / "kappa.png")
     for png in ("training.png", "kappa.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     metrics = {

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conditune.errors import CondituneError
-from fixtures import make_corpus, make_tiny_llm, make_tiny_whisper
+from fixtures import build_speech_model, make_corpus, make_tiny_llm, make_tiny_whisper, train_config
 
 torch.set_num_threads(1)
 
@@ -41,7 +41,21 @@ def assets(tmp_path_factory):
 
 
 def _config(assets, arms, seeds=(0, 1), **train) -> dict:
+    model = {
+        "encoder": {"backend": "hf", "path": str(assets["whisper"])},
+        "llm": {"path": str(assets["llm"])},
+        "adaptor": {"subsample": 4, "depth": 1, "heads": 4, "dropout": 0.1},
+    }
+    data = {
+        "train": str(assets["manifest"]),
+        "dev": str(assets["manifest"]),
+        "max_batch": 2,
+        "feature_cache": str(assets["cache"]),
+    }
+    settings = {"lr": 3e-3, "warmup_steps": 2, "max_steps": 4, "eval_every": 2, "log_every": 1, "progress": False,
+                "tensorboard": False, "max_new_tokens": 6, **train}  # fmt: skip
     return {
+        **train_config(model, data, **settings),
         "experiment": {
             "arms": list(arms),
             "seeds": list(seeds),
@@ -50,28 +64,6 @@ def _config(assets, arms, seeds=(0, 1), **train) -> dict:
             "instructions": {"en": ["open the door"], "de": ["good morning"]},
             "agreement_new_tokens": 4,
             "max_tokens": 16,
-        },
-        "model": {
-            "encoder": {"backend": "hf", "path": str(assets["whisper"])},
-            "llm": {"path": str(assets["llm"])},
-            "adaptor": {"subsample": 4, "depth": 1, "heads": 4, "dropout": 0.1},
-        },
-        "data": {
-            "train": str(assets["manifest"]),
-            "dev": str(assets["manifest"]),
-            "max_batch": 2,
-            "feature_cache": str(assets["cache"]),
-        },
-        "train": {
-            "lr": 3e-3,
-            "warmup_steps": 2,
-            "max_steps": 4,
-            "eval_every": 2,
-            "log_every": 1,
-            "progress": False,
-            "tensorboard": False,
-            "max_new_tokens": 6,
-            **train,
         },
     }
 
@@ -82,10 +74,9 @@ def _train_records(out, arm, seed):
 
 
 def test_lora_arms_match_lowest_kappa_count(assets):
+    from conditune.config import to_dict
     from conditune.experiment.arms import load_scan, plan_arms
     from conditune.experiment.config import load_experiment_config
-    from conditune.speech.config import SpeechLLMConfig
-    from conditune.speech.modeling import SpeechLLM
 
     cfg = load_experiment_config(_config(assets, ["lowest-kappa", "lora", "kappa-lora", "random", "highest-kappa"]))
     records, meta = load_scan(cfg)
@@ -97,14 +88,14 @@ def test_lora_arms_match_lowest_kappa_count(assets):
     for arm in ("lora", "kappa-lora"):
         assert abs(plans[arm].llm_params / target - 1) <= 0.05, (arm, plans[arm].llm_params, target)
     assert plans["random"].names != plan_arms(cfg, records, seed=1, meta=meta)["random"].names  # seeded per seed
-    base = cfg.train_data["model"]
+    base = to_dict(cfg.model)
     for arm in ("lowest-kappa", "lora", "kappa-lora"):  # counts from shapes == counts of the built model
-        model = SpeechLLM.build(SpeechLLMConfig.from_dict({**base, "trainable": plans[arm].trainable}))
+        model, _ = build_speech_model({**base, "trainable": plans[arm].trainable})
         assert sum(p.numel() for p in model.llm.parameters() if p.requires_grad) == plans[arm].llm_params, arm
 
 
 def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
-    from conditune.experiment import run_experiment
+    from conditune.recipes.experiment import run_experiment
 
     out = tmp_path / "exp"
     result = run_experiment(_config(assets, ["lowest-kappa", "lora"]), out)
@@ -169,7 +160,7 @@ def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
 
 def test_killed_run_resumes_to_the_same_result(assets, tmp_path, monkeypatch):
     import conditune.training.trainer as trainer
-    from conditune.experiment import run_experiment
+    from conditune.recipes.experiment import run_experiment
 
     ref = tmp_path / "ref"
     run_experiment(_config(assets, ["lowest-kappa"], seeds=[0]), ref)
@@ -199,7 +190,7 @@ def test_bad_config_is_one_line_error(assets, tmp_path, capsys):
         "experiment.count=0",
         "experiment.seeds=[0,0]",
         "experiment.lora_rank=big",
-        "train.max_seconds=60",
+        "training.max_seconds=60",
         "experiment.colour=red",
     ):
         assert main(["experiment", str(path), "--output", str(tmp_path / "o"), override]) == 1, override

@@ -11,11 +11,21 @@ import pytest
 import torch
 
 from conditune.errors import CondituneError
+from conditune.evaluation.transcription import transcribe
 from conditune.speech.adaptor import AudioAdaptor
-from conditune.speech.config import AdaptorConfig, EncoderConfig, SpeechLLMConfig
+from conditune.speech.configuration import AdaptorConfig, EncoderConfig, SpeechLLMConfig
 from conditune.speech.encoders import HFWhisperEncoder, encoded_length
 from conditune.speech.modeling import IGNORE_INDEX, SpeechLLM
-from fixtures import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone
+from fixtures import (
+    TEXTS,
+    build_speech_model,
+    load_speech_model,
+    make_corpus,
+    make_tiny_llm,
+    make_tiny_whisper,
+    model_config,
+    tone,
+)
 
 torch.set_num_threads(1)
 
@@ -30,10 +40,19 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(assets):
+def built(assets):
     torch.manual_seed(0)
-    cfg = SpeechLLMConfig.from_dict(model_config(assets["whisper"], assets["llm"], "all"))
-    return SpeechLLM.build(cfg)
+    return build_speech_model(model_config(assets["whisper"], assets["llm"], "all"))
+
+
+@pytest.fixture(scope="module")
+def model(built):
+    return built[0]
+
+
+@pytest.fixture(scope="module")
+def processor(built):
+    return built[1]
 
 
 def _waves(paths):
@@ -51,6 +70,8 @@ def test_config_round_trip_and_errors(assets):
     cfg = SpeechLLMConfig.from_dict(data)
     assert cfg.adaptor.dropout == 0.25 and cfg.trainable.mode == "lora"
     again = SpeechLLMConfig.from_dict(json.loads(cfg.to_json()))
+    legacy = SpeechLLMConfig.from_dict({**data, "adaptor": {**data["adaptor"], "ctc_compress": True}})
+    assert legacy.ctc.compress  # a 0.1.0 key moved to its section
     assert again == cfg
     with pytest.raises(CondituneError, match="unknown key"):
         SpeechLLMConfig.from_dict({"adaptor": {"sub_sample": 4}})
@@ -151,10 +172,10 @@ def test_adaptor_subsamples_and_ignores_padding():
 # ---------------------------------------------------------------- sequence layout and loss
 
 
-def test_labels_and_loss_equal_hand_computation(model, assets):
+def test_labels_and_loss_equal_hand_computation(model, processor, assets):
     model.eval()
-    frames, lengths = model.encoder.encode(_waves(assets["paths"][:3]))
-    tokens = [model.encode_text(t) for t in TEXTS[:3]]
+    frames, lengths = processor.encoder.encode(_waves(assets["paths"][:3]))
+    tokens = [processor.tokenize(t) for t in TEXTS[:3]]
     with torch.no_grad():
         audio, alen = model.adaptor(frames, lengths)
         batch = model.build_inputs(audio, alen, tokens)
@@ -192,9 +213,9 @@ def test_labels_and_loss_equal_hand_computation(model, assets):
     assert float(out.loss) == pytest.approx(total_nll / total_n, rel=1e-5, abs=1e-6)
 
 
-def test_forward_computes_logits_only_at_loss_positions(model, assets, monkeypatch):
-    frames, lengths = model.encoder.encode(_waves(assets["paths"][:2]))
-    tokens = [model.encode_text(t) for t in TEXTS[:2]]
+def test_forward_computes_logits_only_at_loss_positions(model, processor, assets, monkeypatch):
+    frames, lengths = processor.encoder.encode(_waves(assets["paths"][:2]))
+    tokens = [processor.tokenize(t) for t in TEXTS[:2]]
     head = model.core_llm.get_output_embeddings()
     seen = []
     handle = head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
@@ -212,40 +233,41 @@ def test_forward_computes_logits_only_at_loss_positions(model, assets, monkeypat
 # ---------------------------------------------------------------- generation and persistence
 
 
-def test_transcribe_batched_equals_single_and_beam(model, assets):
+def test_transcribe_batched_equals_single_and_beam(model, processor, assets):
     paths = [str(p) for p in assets["paths"]]
-    batched = model.transcribe(paths, batch_size=4, max_new_tokens=6)
-    single = model.transcribe(paths, batch_size=1, max_new_tokens=6)
+    batched = transcribe(model, processor, paths, batch_size=4, max_new_tokens=6)
+    single = transcribe(model, processor, paths, batch_size=1, max_new_tokens=6)
     assert batched == single and len(batched) == 4
-    beams = model.transcribe([_waves(paths[:1])[0]], num_beams=3, max_new_tokens=6)
+    beams = transcribe(model, processor, [_waves(paths[:1])[0]], num_beams=3, max_new_tokens=6)
     assert len(beams) == 1 and isinstance(beams[0], str)
 
 
 def test_save_load_round_trip(assets, tmp_path):
     torch.manual_seed(1)
     names = ["model.layers.1.mlp.down_proj.weight", "model.norm.weight"]
-    cfg = SpeechLLMConfig.from_dict(model_config(assets["whisper"], assets["llm"], "names", names=names))
-    m = SpeechLLM.build(cfg)
+    m, processor = build_speech_model(model_config(assets["whisper"], assets["llm"], "names", names=names))
     assert sorted(m.llm_trainable_names()) == sorted(names)
     with torch.no_grad():  # stand-in for training: move the trainable tensors
         for _, p in m.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.5)
     paths = [str(p) for p in assets["paths"]]
-    before = m.transcribe(paths, max_new_tokens=8)
+    before = transcribe(m, processor, paths, max_new_tokens=8)
     m.save_pretrained(tmp_path / "model")
     files = sorted(os.listdir(tmp_path / "model"))
-    assert files == ["adaptor.safetensors", "llm_delta", "speech_config.json"]
+    assert files == ["config.json", "integrity.json", "llm_delta", "model.safetensors"]
     delta = json.loads((tmp_path / "model" / "llm_delta" / "delta.json").read_text())
     assert sorted(delta["names"]) == sorted(names)
-    loaded = SpeechLLM.from_pretrained(tmp_path / "model")
-    assert loaded.transcribe(paths, max_new_tokens=8) == before
+    loaded, loaded_processor = load_speech_model(tmp_path / "model")
+    assert transcribe(loaded, loaded_processor, paths, max_new_tokens=8) == before
     for name in names:
         torch.testing.assert_close(
             dict(loaded.llm.named_parameters())[name], dict(m.llm.named_parameters())[name], rtol=0, atol=0
         )
     # text-only use (forgetting evaluation): no encoder needed, same LLM weights
-    text_only = SpeechLLM.from_pretrained(tmp_path / "model", load_encoder=False)
-    assert text_only.encoder is None
+    from conditune.speech.processing import SpeechProcessor
+
+    assert SpeechProcessor.from_pretrained(tmp_path / "model", load_encoder=False).feature_extractor is None
+    text_only = SpeechLLM.from_pretrained(tmp_path / "model")
     for name in names:
         assert torch.equal(dict(text_only.llm.named_parameters())[name], dict(m.llm.named_parameters())[name])
     with pytest.raises(CondituneError, match="adaptor"):
@@ -253,48 +275,44 @@ def test_save_load_round_trip(assets, tmp_path):
 
 
 def test_lora_mode_trains_only_adapters(assets, tmp_path):
-    cfg = SpeechLLMConfig.from_dict(
+    m, processor = build_speech_model(
         model_config(
             assets["whisper"], assets["llm"], "lora", lora={"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}
         )
     )
-    m = SpeechLLM.build(cfg)
     names = m.llm_trainable_names()
     assert names and all("lora_" in n for n in names)
     with torch.no_grad():
         for n, p in m.llm.named_parameters():
             if "lora_B" in n:
                 p.add_(0.3)
-    before = m.transcribe([str(p) for p in assets["paths"][:2]], max_new_tokens=5)
+    paths = [str(p) for p in assets["paths"][:2]]
+    before = transcribe(m, processor, paths, max_new_tokens=5)
     m.save_pretrained(tmp_path / "lora")
-    loaded = SpeechLLM.from_pretrained(tmp_path / "lora")
-    assert loaded.transcribe([str(p) for p in assets["paths"][:2]], max_new_tokens=5) == before
+    assert transcribe(*load_speech_model(tmp_path / "lora"), paths, max_new_tokens=5) == before
 
 
 def test_unknown_selected_name_is_a_user_error(assets):
-    cfg = SpeechLLMConfig.from_dict(
-        model_config(assets["whisper"], assets["llm"], "names", names=["model.nope.weight"])
-    )
     with pytest.raises(CondituneError):
-        SpeechLLM.build(cfg)
+        build_speech_model(model_config(assets["whisper"], assets["llm"], "names", names=["model.nope.weight"]))
 
 
 # ---------------------------------------------------------------- feature cache
 
 
-def test_feature_cache_skips_encoder_second_time(model, assets, tmp_path, monkeypatch):
+def test_feature_cache_skips_encoder_second_time(processor, assets, tmp_path, monkeypatch):
     from conditune.speech.features import FeatureCache
 
     paths = assets["paths"][:3]
-    first = FeatureCache(model.encoder, tmp_path / "cache").get(paths)
+    first = FeatureCache(processor.encoder, tmp_path / "cache").get(paths)
     files = list((tmp_path / "cache").rglob("*.safetensors"))
     assert len(files) == 3 and not list((tmp_path / "cache").rglob("*.tmp"))
 
     def boom(*a, **k):
         raise AssertionError("encoder called despite the cache")
 
-    monkeypatch.setattr(model.encoder, "encode", boom)
-    cache = FeatureCache(model.encoder, tmp_path / "cache", memory=False)
+    monkeypatch.setattr(processor.encoder, "encode", boom)
+    cache = FeatureCache(processor.encoder, tmp_path / "cache", memory=False)
     again = cache.get(paths)
     assert cache.hits == 3 and cache.misses == 0
     for a, b in zip(first, again):
@@ -326,15 +344,15 @@ def test_ct2_whisper_base_encoder():
 
 def test_ctc_compression_keeps_token_positions_and_averages_runs(assets, tmp_path):
     cfg = model_config(assets["whisper"], assets["llm"], "none")
-    cfg["adaptor"]["ctc_compress"] = True
-    m = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg))
+    cfg["ctc"] = {"compress": True}
+    m, _ = build_speech_model(cfg)
     emb = m.core_llm.get_input_embeddings().weight
     dim = emb.shape[1]
     basis = torch.linalg.qr(torch.randn(dim, 3, generator=torch.Generator().manual_seed(0)))[0].T  # 3 orthonormal rows
     with torch.no_grad():
-        emb[5], emb[7], m.adaptor.ctc_blank[:] = basis[0], basis[1], basis[2]
+        emb[5], emb[7], m.ctc_head.blank[:] = basis[0], basis[1], basis[2]
     m.set_ctc_vocabulary([7, 5, 7])
-    assert m.adaptor.ctc_vocabulary.tolist() == [5, 7]
+    assert m.ctc_head.vocabulary.tolist() == [5, 7]
     e5, e7, blank = basis
     # greedy CTC labels: blank 5 5 blank 5 7 blank -> runs (5 5) (5) (7); an all-blank row keeps one position
     row0 = torch.stack([blank, 2 * e5, e5, blank, e5, e7, blank])
@@ -350,36 +368,36 @@ def test_ctc_compression_keeps_token_positions_and_averages_runs(assets, tmp_pat
     # the vocabulary is saved with the adaptor: a loaded model compresses the same way
     m.save_pretrained(tmp_path / "m")
     loaded = SpeechLLM.from_pretrained(tmp_path / "m")
-    assert loaded.adaptor.ctc_vocabulary.tolist() == [5, 7] and loaded.config.adaptor.ctc_compress
+    assert loaded.ctc_head.vocabulary.tolist() == [5, 7] and loaded.config.ctc.compress
 
 
 def test_compressed_generation_is_capped_by_the_positions_read(assets):
     cfg = model_config(assets["whisper"], assets["llm"], "none")
-    cfg["adaptor"]["ctc_compress"] = True
+    cfg["ctc"] = {"compress": True}
     torch.manual_seed(0)
-    m = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg))
-    frames, lengths = m.encode_audio(_waves(assets["paths"][:3]))
+    m, processor = build_speech_model(cfg)
+    frames, lengths = processor.frames(_waves(assets["paths"][:3]))
     _, positions = m.llm_audio(*m.adaptor(frames, lengths))
     caps = m.transcript_token_cap(positions)
     assert caps == [math.ceil(1.5 * int(n)) + 4 for n in positions]
-    rows = m.generate_ids_from_frames(frames, lengths, max_new_tokens=200)
+    rows = m.generate_ids(frames, lengths, max_new_tokens=200)
     # a random LLM never stops by itself: every row runs to its own cap, not to max_new_tokens
     assert [len(r) for r in rows] == [min(c, 200) for c in caps]
-    assert max(len(r) for r in m.generate_ids_from_frames(frames, lengths, max_new_tokens=3)) <= 3
-    cfg["adaptor"]["ctc_compress"] = False
-    assert SpeechLLM.build(SpeechLLMConfig.from_dict(cfg)).transcript_token_cap(positions) is None
+    assert max(len(r) for r in m.generate_ids(frames, lengths, max_new_tokens=3)) <= 3
+    cfg["ctc"] = {"compress": False}
+    assert build_speech_model(cfg)[0].transcript_token_cap(positions) is None
 
 
 def test_ctc_embedding_readout_mixes_token_embeddings_by_posterior(assets):
     cfg = model_config(assets["whisper"], assets["llm"], "none")
-    cfg["adaptor"].update(ctc_compress=True, ctc_readout="embeddings")
-    m = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg))
+    cfg["ctc"] = {"compress": True, "readout": "embeddings"}
+    m, _ = build_speech_model(cfg)
     emb = m.core_llm.get_input_embeddings().weight
     dim = emb.shape[1]
     basis = torch.linalg.qr(torch.randn(dim, 3, generator=torch.Generator().manual_seed(1)))[0].T
     with torch.no_grad():
-        emb[5], emb[7], m.adaptor.ctc_blank[:] = basis[0], basis[1], basis[2]
-        m.adaptor.ctc_log_scale.fill_(0.0)  # logits are plain dot products
+        emb[5], emb[7], m.ctc_head.blank[:] = basis[0], basis[1], basis[2]
+        m.ctc_head.log_scale.fill_(0.0)  # logits are plain dot products
     m.set_ctc_vocabulary([5, 7])
     e5, e7, blank = basis
     # labels: blank, 5, 5, 7 -> runs (5 5) (7); each kept vector is softmax over tokens 5, 7 (blank left out)
@@ -395,9 +413,85 @@ def test_ctc_embedding_readout_mixes_token_embeddings_by_posterior(assets):
     torch.testing.assert_close(out[0, 1], mix(row[3]))
     out.sum().backward()  # gradients reach the adaptor through the posterior; dropped positions get none
     assert row.grad[0].abs().sum() == 0 and row.grad[1].abs().sum() > 0
-    cfg["adaptor"]["ctc_compress"] = False
-    with pytest.raises(CondituneError, match="ctc_readout 'embeddings' needs"):
+    cfg["ctc"] = {"compress": False, "readout": "embeddings"}
+    with pytest.raises(CondituneError, match="ctc.readout 'embeddings' needs"):
         SpeechLLMConfig.from_dict(cfg).validate()
-    cfg["adaptor"].update(ctc_compress=True, ctc_readout="tokens")
-    with pytest.raises(CondituneError, match="ctc_readout must be one of"):
+    cfg["ctc"] = {"compress": True, "readout": "tokens"}
+    with pytest.raises(CondituneError, match="ctc.readout must be one of"):
         SpeechLLMConfig.from_dict(cfg).validate()
+
+
+def test_transformers_asr_pipeline_transcribes_like_the_model(assets, tmp_path):
+    """transformers.pipeline("automatic-speech-recognition", ...) drives a saved speech model: same text as
+    conditune's own transcription, from a file path, from an array, and batched."""
+    from transformers import pipeline
+
+    from conditune.speech.pipeline import TASK, SpeechRecognitionPipeline, speech_recognition_pipeline
+
+    torch.manual_seed(2)
+    m, processor = build_speech_model(model_config(assets["whisper"], assets["llm"], "all"))
+    m.save_pretrained(tmp_path / "m")
+    paths = [str(p) for p in assets["paths"]]
+    expected = transcribe(m, processor, paths, max_new_tokens=6)
+    asr = speech_recognition_pipeline(tmp_path / "m", max_new_tokens=6)
+    assert isinstance(asr, SpeechRecognitionPipeline)
+    assert [asr(p)["text"] for p in paths] == expected
+    assert [r["text"] for r in asr(paths, batch_size=2)] == expected
+    wave = _waves(paths[:1])[0]
+    assert asr({"raw": wave, "sampling_rate": 16000})["text"] == expected[0]
+    # transformers' own factory, through the registered task and through pipeline_class
+    for task, extra in ((TASK, {}), ("automatic-speech-recognition", {"pipeline_class": SpeechRecognitionPipeline})):
+        direct = pipeline(
+            task,
+            model=m,
+            tokenizer=processor.tokenizer,
+            feature_extractor=processor.feature_extractor,
+            device=-1,
+            max_new_tokens=6,
+            **extra,
+        )
+        assert direct(paths[1])["text"] == expected[1], task
+
+
+def test_a_model_saved_by_0_1_0_loads(assets, tmp_path):
+    """A folder in the 0.1.0 layout (speech_config.json with a _meta block; adaptor.safetensors holding the CTC
+    head's tensors without prefixes) loads, and transcribes as the same model saved today."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(3)
+    cfg = model_config(assets["whisper"], assets["llm"], "names", names=["model.layers.1.mlp.down_proj.weight"])
+    cfg["ctc"] = {"compress": True}
+    m, processor = build_speech_model(cfg)
+    m.set_ctc_vocabulary([5, 7, 9])
+    with torch.no_grad():
+        m.ctc_head.blank.add_(0.5)
+    m.save_pretrained(tmp_path / "new")
+    paths = [str(p) for p in assets["paths"][:2]]
+    expected = transcribe(m, processor, paths, max_new_tokens=5)
+
+    old = tmp_path / "old"
+    (old).mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "new" / "llm_delta", old / "llm_delta")
+    doc = json.loads((tmp_path / "new" / "config.json").read_text())
+    meta = {"conditune_speech_llm": 1, "encoder_dim": doc.pop("encoder_dim"), "llm_dim": doc.pop("llm_dim"),
+            "bos_token_id": doc["llm"]["bos_token_id"], "eos_token_id": doc["llm"]["eos_token_id"]}  # fmt: skip
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        doc["llm"][key] = None
+    doc["adaptor"].update(ctc_compress=doc["ctc"]["compress"], ctc_readout=doc.pop("ctc")["readout"])
+    for key in ("model_type", "conditune_version"):
+        doc.pop(key)
+    (old / "speech_config.json").write_text(json.dumps({**doc, "_meta": meta}))
+    legacy_names = {"ctc_head.blank": "ctc_blank", "ctc_head.log_scale": "ctc_log_scale",
+                    "ctc_head.vocabulary": "ctc_vocabulary"}  # fmt: skip
+    state = load_file(str(tmp_path / "new" / "model.safetensors"))
+    old_state = {legacy_names.get(k[len("adaptor.") :], k[len("adaptor.") :]): v for k, v in state.items()}
+    save_file(old_state, str(old / "adaptor.safetensors"))
+
+    loaded, loaded_processor = load_speech_model(old)
+    assert loaded.config.ctc.compress and loaded.ctc_head.vocabulary.tolist() == [5, 7, 9]
+    assert transcribe(loaded, loaded_processor, paths, max_new_tokens=5) == expected
+    # a folder that is not a model at all: one line naming it
+    with pytest.raises(CondituneError, match="missing: .*not found"):
+        SpeechLLM.from_pretrained(tmp_path / "missing")

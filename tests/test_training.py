@@ -8,10 +8,23 @@ import math
 import pytest
 import torch
 
+from conditune.config import parse_overrides
 from conditune.errors import CondituneError
-from conditune.training.config import TrainConfig, load_train_config, parse_overrides
+from conditune.evaluation.transcription import transcribe
+from conditune.training.config import TrainConfig, load_train_config
 from conditune.training.trainer import train
-from fixtures import TEXTS, make_corpus, make_tiny_llm, make_tiny_whisper, model_config, tone, write_wav
+from fixtures import (
+    TEXTS,
+    build_speech_model,
+    load_speech_model,
+    make_corpus,
+    make_tiny_llm,
+    make_tiny_whisper,
+    model_config,
+    tone,
+    train_config,
+    write_wav,
+)
 
 torch.set_num_threads(1)
 
@@ -33,21 +46,20 @@ def assets(tmp_path_factory):
 
 
 def _config(assets, out, mode="all", model_extra=None, **train):
-    model = model_config(assets["whisper"], assets["llm"], mode, **(model_extra or {}))
-    return {
-        "model": model,
-        "data": {"train": str(assets["manifest"]), "max_batch": 2, "feature_cache": str(assets["cache"])},
-        "train": {
-            "output_dir": str(out),
-            "lr": 3e-3,
-            "warmup_steps": 5,
-            "log_every": 1,
-            "progress": False,
-            "tensorboard": False,
-            "max_new_tokens": 10,
-            **train,
-        },
+    """Today's sections, from the flat training keys of 0.1.0 (``max_steps=``, ``lr=``, ``eval_every=``...)."""
+    settings = {
+        "output_dir": str(out),
+        "lr": 3e-3,
+        "warmup_steps": 5,
+        "log_every": 1,
+        "progress": False,
+        "tensorboard": False,
+        "max_new_tokens": 10,
+        **train,
     }
+    model = model_config(assets["whisper"], assets["llm"], mode, **(model_extra or {}))
+    data = {"train": str(assets["manifest"]), "max_batch": 2, "feature_cache": str(assets["cache"])}
+    return train_config(model, data, **settings)
 
 
 # ---------------------------------------------------------------- config
@@ -58,19 +70,35 @@ def test_overrides_and_coercion(tmp_path, assets):
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_config(assets, tmp_path / "out")))
-    cfg = load_train_config(path, ["train.lr=1e-4", "model.adaptor.depth=1", "data.dev=null", "train.schedule=linear"])
-    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
-    assert cfg.model.adaptor.depth == 1 and cfg.data.dev is None and cfg.train.schedule == "linear"
-    assert parse_overrides(["train.max_steps=7"]) == {"train.max_steps": 7}
-    with pytest.raises(CondituneError, match="unknown key"):
-        load_train_config(path, ["train.learning_rate=1"])
-    with pytest.raises(CondituneError, match="number"):
-        load_train_config(path, ["train.lr=fast"])
+    overrides = ["optimizer.lr=1e-4", "model.adaptor.depth=1", "data.dev=null", "optimizer.schedule=linear"]
+    cfg = load_train_config(path, overrides)
+    assert cfg.optimizer.lr == 1e-4 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.model.adaptor.depth == 1 and cfg.data.dev is None and cfg.optimizer.schedule == "linear"
+    assert parse_overrides(["training.max_steps=7"]) == {"training.max_steps": 7}
+    with pytest.raises(CondituneError, match="unknown key optimizer.learning_rate"):
+        load_train_config(path, ["optimizer.learning_rate=1"])
+    with pytest.raises(CondituneError, match="optimizer.lr must be a number"):
+        load_train_config(path, ["optimizer.lr=fast"])
     with pytest.raises(CondituneError, match="section.key=value"):
-        load_train_config(path, ["train.lr"])
-    with pytest.raises(CondituneError, match="align_steps"):
-        load_train_config(path, ["train.align_steps=-1"])
+        load_train_config(path, ["optimizer.lr"])
+    with pytest.raises(CondituneError, match="training.align_steps"):
+        load_train_config(path, ["training.align_steps=-1"])
     assert TrainConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+    # every value checked before anything loads, the key named
+    for bad, key in (
+        ("optimizer.lr=-1", "optimizer.lr"),
+        ("training.max_steps=2.5", "training.max_steps"),
+        ("training.max_steps=0", "training.max_steps"),
+        ("optimizer.lr=nan", "optimizer.lr"),
+        ("data.max_batch=0", "data.max_batch"),
+        ("evaluation.num_beams=0", "evaluation.num_beams"),
+        ("training.mixed_precision=fp8", "training.mixed_precision"),
+    ):
+        with pytest.raises(CondituneError, match=key.replace(".", r"\.")):
+            load_train_config(path, [bad])
+    # a config of 0.1.0 (one `train:` section) still loads, each key moved to its section
+    old = load_train_config(path, ["train.lr=2e-4", "train.max_steps=9", "train.output_dir=elsewhere"])
+    assert (old.optimizer.lr, old.training.max_steps, old.output.dir) == (2e-4, 9, "elsewhere")
 
 
 # ---------------------------------------------------------------- training behaviour
@@ -87,13 +115,10 @@ def test_overfits_a_handful_of_utterances(assets, tmp_path):
     assert result.losses[120] < 0.5 * result.losses[1]
     # last two checkpoints kept, final model folder, metrics
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000080", "step-00000120"]
-    assert (out / "final" / "adaptor.safetensors").is_file() and (out / "result.json").is_file()
+    assert (out / "final" / "model.safetensors").is_file() and (out / "result.json").is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [60, 120]
-    from conditune.speech.modeling import SpeechLLM
-
-    model = SpeechLLM.from_pretrained(out / "final")
-    assert model.transcribe([str(p) for p in assets["paths"]], max_new_tokens=10) == TEXTS
+    assert transcribe(*load_speech_model(out / "final"), [str(p) for p in assets["paths"]], max_new_tokens=10) == TEXTS
 
 
 def test_resume_reproduces_uninterrupted_losses(assets, tmp_path):
@@ -129,12 +154,11 @@ def test_resume_reproduces_uninterrupted_losses(assets, tmp_path):
 
 
 def test_only_selected_tensors_and_adaptor_change(assets, tmp_path):
-    from conditune.speech.config import SpeechLLMConfig
     from conditune.speech.modeling import SpeechLLM
 
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
     cfg = _config(assets, tmp_path / "sel", mode="names", model_extra={"names": names}, max_steps=4)
-    base = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg["model"]), for_training=False)
+    base, _ = build_speech_model(cfg["model"], for_training=False)
     before = {k: v.clone() for k, v in base.llm.state_dict().items()}
     result = train(cfg)
     trained = SpeechLLM.from_pretrained(result.final_dir)
@@ -145,7 +169,7 @@ def test_only_selected_tensors_and_adaptor_change(assets, tmp_path):
     assert sorted(delta["names"]) == sorted(names)
     # the adaptor did train (compare with a fresh one built from the same seed)
     torch.manual_seed(0)
-    fresh = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg["model"]), for_training=False)
+    fresh, _ = build_speech_model(cfg["model"], for_training=False)
     assert not torch.equal(fresh.adaptor.proj.weight, trained.adaptor.proj.weight)
 
 
@@ -168,7 +192,7 @@ def test_bad_audio_is_skipped_and_counted(assets, tmp_path):
     assert result.train_utterances == 1
     assert result.skipped["train_bad_audio"] == 1 and result.skipped["train_rows"] == 2
     cfg["data"]["strict"] = True
-    cfg["train"]["output_dir"] = str(tmp_path / "strict")
+    cfg["output"]["dir"] = str(tmp_path / "strict")
     with pytest.raises(CondituneError, match="m.jsonl:3"):  # the missing file, found by the manifest reader
         train(cfg)
     only_audio = data / "audio_only.jsonl"
@@ -180,7 +204,7 @@ def test_bad_audio_is_skipped_and_counted(assets, tmp_path):
         train(cfg)
     cfg["data"]["train"] = str(manifest)
     cfg["data"]["strict"] = False
-    cfg["train"]["output_dir"] = str(tmp_path / "none")
+    cfg["output"]["dir"] = str(tmp_path / "none")
     manifest.write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(CondituneError, match="no usable"):
         train(cfg)
@@ -191,8 +215,8 @@ def test_refuses_to_mix_runs_in_one_output_dir(assets, tmp_path):
     train(cfg)
     with pytest.raises(CondituneError, match="already holds a training run"):
         train(cfg)
-    cfg["train"]["overwrite"] = True
-    cfg["train"]["max_steps"] = 2
+    cfg["output"]["overwrite"] = True
+    cfg["training"]["max_steps"] = 2
     assert train(cfg).step == 2
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
 
@@ -206,7 +230,6 @@ def test_wall_clock_budget_stops_with_a_checkpoint(assets, tmp_path):
 
 
 def test_alignment_stage_trains_only_the_adaptor_then_the_llm(assets, tmp_path):
-    from conditune.speech.config import SpeechLLMConfig
     from conditune.speech.modeling import SpeechLLM
 
     names = ["model.layers.0.mlp.up_proj.weight"]
@@ -221,7 +244,7 @@ def test_alignment_stage_trains_only_the_adaptor_then_the_llm(assets, tmp_path):
         warmup_steps=0,
         log_every=1,
     )
-    base = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg["model"]), for_training=False)
+    base, _ = build_speech_model(cfg["model"], for_training=False)
     before = base.llm.state_dict()[names[0]].clone()
     stopped = train(cfg, stop_after_steps=30)  # the whole alignment stage, nothing of the main one
     assert stopped.step == 30
@@ -229,7 +252,7 @@ def test_alignment_stage_trains_only_the_adaptor_then_the_llm(assets, tmp_path):
     assert stopped.losses[30] < 0.7 * stopped.losses[1]
     records = [json.loads(x) for x in (tmp_path / "align" / "metrics.jsonl").read_text().splitlines()]
     assert {r["phase"] for r in records} == {"align"} and records[5]["lr"] == pytest.approx(1e-2)
-    full = train({**cfg, "train": {**cfg["train"], "overwrite": True}})
+    full = train({**cfg, "output": {**cfg["output"], "overwrite": True}})
     assert full.step == 32
     trained = SpeechLLM.from_pretrained(full.final_dir)
     assert not torch.equal(trained.llm.state_dict()[names[0]], before)  # the main steps do train the LLM
@@ -256,7 +279,7 @@ def test_alignment_steps_leave_the_llm_untouched(assets, tmp_path):
 def test_evaluations_count_main_steps(assets, tmp_path):
     cfg = _config(assets, tmp_path / "ev", mode="none", max_steps=4, align_steps=3, eval_every=2, warmup_steps=0)
     cfg["data"]["dev"] = str(assets["manifest"])
-    cfg["train"]["eval_max_utterances"] = 2
+    cfg["evaluation"]["max_utterances"] = 2
     train(cfg)
     records = [json.loads(x) for x in (tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()]
     # none in the alignment stage (steps 1-3); then every 2 main steps (step 5) and at the end (step 7)
@@ -264,28 +287,22 @@ def test_evaluations_count_main_steps(assets, tmp_path):
 
 
 def test_adaptor_output_starts_at_the_embedding_scale(assets):
-    from conditune.speech.config import SpeechLLMConfig
-    from conditune.speech.modeling import SpeechLLM
-
     cfg = _config(assets, "unused")["model"]
-    model = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg), for_training=False)
+    model, _ = build_speech_model(cfg, for_training=False)
     emb = model.core_llm.get_input_embeddings().weight
     frames = torch.randn(2, 40, model.adaptor.encoder_dim)
     audio, lengths = model.adaptor.eval()(frames, torch.tensor([40, 24]))
     rms = audio[0].pow(2).mean().sqrt()
     assert float(rms) == pytest.approx(float(emb.pow(2).mean().sqrt()), rel=0.05)
     cfg["adaptor"]["match_embedding_scale"] = False
-    plain = SpeechLLM.build(SpeechLLMConfig.from_dict(cfg), for_training=False)
+    plain, _ = build_speech_model(cfg, for_training=False)
     assert float(plain.adaptor.output_scale) == 1.0
 
 
 def test_ctc_vocabulary_restriction_gives_the_same_loss(assets):
     """Restricting the CTC head to the transcripts' tokens changes the normaliser, not which path scores best:
     the greedy CTC transcript is unchanged where the restricted vocabulary holds the answer."""
-    from conditune.speech.config import SpeechLLMConfig
-    from conditune.speech.modeling import SpeechLLM
-
-    model = SpeechLLM.build(SpeechLLMConfig.from_dict(_config(assets, "unused")["model"]), for_training=False)
+    model, _ = build_speech_model(_config(assets, "unused")["model"], for_training=False)
     tokens = [[5, 9, 9, 3], [7, 5]]
     audio = torch.randn(2, 12, model.adaptor.llm_dim)
     lengths = torch.tensor([12, 8])
@@ -357,8 +374,8 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(assets, tmp_path)
     assert [r["loss"] for r in ddp if r["kind"] == "train"] == pytest.approx(
         [r["loss"] for r in single if r["kind"] == "train"], rel=1e-4
     )
-    a = load_file(str(tmp_path / "ddp" / "final" / "adaptor.safetensors"))
-    b = load_file(str(tmp_path / "single" / "final" / "adaptor.safetensors"))
+    a = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
     assert json.loads((tmp_path / "ddp" / "result.json").read_text())["step"] == 4
 
@@ -373,10 +390,10 @@ def test_cli_train_transcribe_evaluate(assets, tmp_path, capsys):
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_config(assets, tmp_path / "cli", max_steps=3)))
-    assert main(["train", str(path), "train.max_steps=2", "train.lr=1e-3"]) == 0
+    assert main(["train", str(path), "training.max_steps=2", "optimizer.lr=1e-3"]) == 0
     state = json.loads((tmp_path / "cli" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
     assert state["step"] == 2
-    assert main(["train", str(path), "train.max_steps=4", "--resume"]) == 0
+    assert main(["train", str(path), "training.max_steps=4", "--resume"]) == 0
     assert (tmp_path / "cli" / "checkpoints" / "step-00000004").is_dir()
     capsys.readouterr()
     out_jsonl = tmp_path / "t.jsonl"
@@ -387,7 +404,7 @@ def test_cli_train_transcribe_evaluate(assets, tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "cli" / "final"), str(assets["manifest"]), "--output", str(metrics)]) == 0
     report = json.loads(metrics.read_text())
     assert set(report["wer"]) == {"all", "en", "de"} and report["utterances"] == 4
-    assert main(["train", str(path), "train.bogus=1"]) == 1
+    assert main(["train", str(path), "training.bogus=1"]) == 1
     assert "unknown key" in capsys.readouterr().err
     assert main(["transcribe", str(tmp_path / "nowhere"), str(assets["paths"][0])]) == 1
 
@@ -462,7 +479,6 @@ def test_real_whisper_base_and_smollm2(tmp_path):
     """A few steps with the real demo models (CTranslate2 whisper-base + SmolLM2-135M GGUF), then reload."""
     pytest.importorskip("ctranslate2")
     from conditune import models
-    from conditune.speech.modeling import SpeechLLM
 
     if not (models.is_installed("whisper-base") and models.is_installed("smollm2")):
         pytest.skip("demo models not installed (conditune models fetch)")
@@ -476,27 +492,22 @@ def test_real_whisper_base_and_smollm2(tmp_path):
             "trainable": {"mode": "names", "names": names},
         },
         "data": {"train": str(manifest), "max_batch": 2, "feature_cache": str(tmp_path / "features")},
-        "train": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 2,
-            "progress": False,
-            "tensorboard": False,
-            "log_every": 1,
-        },
+        "training": {"max_steps": 2},
+        "output": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False, "log_every": 1},
     }
     result = train(cfg)
     assert result.step == 2 and all(math.isfinite(v) for v in result.losses.values())
     assert sorted(json.loads((result.final_dir / "llm_delta" / "delta.json").read_text())["names"]) == sorted(names)
-    model = SpeechLLM.from_pretrained(result.final_dir)
-    texts = model.transcribe([str(p) for p in paths], max_new_tokens=4)
+    model, processor = load_speech_model(result.final_dir)
+    texts = transcribe(model, processor, [str(p) for p in paths], max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
-    assert model.transcribe([str(paths[0])], max_new_tokens=4) == texts[:1]
+    assert transcribe(model, processor, [str(paths[0])], max_new_tokens=4) == texts[:1]
 
 
 def test_balanced_dev_subset_scores_every_language():
     from types import SimpleNamespace
 
-    from conditune.training.trainer import balanced_subset
+    from conditune.data.examples import balanced_subset
 
     utts = [SimpleNamespace(language="en", i=i) for i in range(5)] + [
         SimpleNamespace(language="de", i=i) for i in range(2)
@@ -509,19 +520,17 @@ def test_balanced_dev_subset_scores_every_language():
 
 @pytest.mark.parametrize("readout", ["adaptor", "embeddings"])
 def test_ctc_compressed_training_runs_and_needs_a_ctc_head(assets, tmp_path, readout):
-    from conditune.speech.modeling import SpeechLLM
 
     cfg = _config(assets, tmp_path / "cc", mode="none", max_steps=2, warmup_steps=0)
-    cfg["model"]["adaptor"].update(ctc_compress=True, ctc_readout=readout)
-    with pytest.raises(CondituneError, match="ctc_compress needs a trained CTC head"):
+    cfg["model"]["ctc"] = {"compress": True, "readout": readout}
+    with pytest.raises(CondituneError, match="ctc.compress needs a trained CTC head"):
         train(cfg)
-    cfg["train"].update(align_steps=2, ctc_weight=0.5)
+    cfg["training"].update(align_steps=2, ctc_weight=0.5)
     result = train(cfg)
     assert result.step == 4 and all(math.isfinite(v) for v in result.losses.values())
-    model = SpeechLLM.from_pretrained(result.final_dir)
-    assert model.adaptor.ctc_vocabulary.numel() > 0  # the transcripts' tokens, saved with the adaptor
-    assert model.config.adaptor.ctc_readout == readout
+    model, processor = load_speech_model(result.final_dir)
+    assert model.ctc_head.vocabulary.numel() > 0  # the transcripts' tokens, saved with the adaptor
+    assert model.config.ctc.readout == readout
     paths = [str(p) for p in assets["paths"][:2]]
-    assert model.transcribe(paths, max_new_tokens=4) == SpeechLLM.from_pretrained(result.final_dir).transcribe(
-        paths, max_new_tokens=4
-    )
+    again = transcribe(*load_speech_model(result.final_dir), paths, max_new_tokens=4)
+    assert transcribe(model, processor, paths, max_new_tokens=4) == again

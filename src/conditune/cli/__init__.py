@@ -1,7 +1,8 @@
 """The ``conditune`` command line: a thin layer over the library.
 
-Each sub-command lives in its own module with a ``register(app)`` function. User errors
-(:class:`~conditune.errors.CondituneError`) print one line and exit 1; ``--debug`` shows the traceback.
+Each sub-command lives in its own module with a ``register(app)`` function. Exit codes and error
+lines follow one contract for every command (:mod:`conditune.cli.base`, docs/errors.md): 0 ok,
+1 user error (one line on stderr), 2 a failed check, 130 interrupted; ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import sys
 
 import typer
 
-from conditune.errors import CondituneError
+from conditune.cli.base import CommandGroup, quiet_libraries, run
+
+__all__ = ["app", "main", "quiet_libraries"]
 
 COMMAND_MODULES = [
     "scan",
@@ -29,6 +32,7 @@ COMMAND_MODULES = [
 app = typer.Typer(
     name="conditune",
     help="Condition-number guided fine-tuning: scan, select, train, evaluate.",
+    cls=CommandGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -47,30 +51,12 @@ for _module in COMMAND_MODULES:
 
 
 def main(argv: list[str] | None = None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        app(args=argv, standalone_mode=False)
-    except CondituneError as exc:
-        if debug:
-            raise
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        return 1
-    except (typer.Exit, SystemExit) as exc:  # typer's own exits (help, usage errors)
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        return int(code or 0)
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True)
-        return 130
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        raise
-    return 0
+    """Run ``conditune`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if not debug:
+        quiet_libraries()
+    return run(app, args, debug=debug)
 
 
 if __name__ == "__main__":

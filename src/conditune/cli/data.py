@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from conditune.cli.base import EXIT_CHECK_FAILED, CommandGroup
 from conditune.errors import CondituneError
 
 
@@ -46,8 +47,37 @@ def _report_synth(result) -> None:
         typer.echo(f"heldout.{lang}\t{len(path.read_text(encoding='utf-8').splitlines())}\t{path}")
 
 
+def _check_synth_args(
+    output: Path,
+    languages: str,
+    counts: dict[str, int],
+    *,
+    jobs: int,
+    min_words: int,
+    max_words: int,
+    vocab_size: int | None,
+    count_heldout_voice: int | None,
+) -> None:
+    """The synth options checked before anything is loaded, each error naming its option."""
+    from conditune.io import check_writable
+    from conditune.validation import require_int
+
+    for key, value in counts.items():
+        require_int(value, key, minimum=0)
+    require_int(jobs, "--jobs", minimum=1)
+    require_int(min_words, "--min-words", minimum=1)
+    require_int(max_words, "--max-words", minimum=min_words)
+    if vocab_size is not None:
+        require_int(vocab_size, "--vocab-size", minimum=1)
+    if count_heldout_voice is not None:
+        require_int(count_heldout_voice, "--count-heldout-voice", minimum=0)
+    if not any(lang.strip() for lang in languages.split(",")):
+        raise CondituneError(f"--languages {languages!r}: give at least one language code, like en,de")
+    check_writable(output, folder=True)
+
+
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Speech data: synthetic sets and manifests.", no_args_is_help=True)
+    group = typer.Typer(help="Speech data: synthetic sets and manifests.", cls=CommandGroup, no_args_is_help=True)
 
     @group.command("synth")
     def synth_cmd(
@@ -90,6 +120,22 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Synthesise train/dev/test (and a held-out-voice test) speech from open-vocabulary text; resumable."""
+        _check_synth_args(
+            output,
+            languages,
+            {
+                "--count-train": count_train,
+                "--count-dev": count_dev,
+                "--count-test": count_test,
+                "--heldout-count": heldout_count,
+                "--seed": seed,
+            },
+            jobs=jobs,
+            min_words=min_words,
+            max_words=max_words,
+            vocab_size=vocab_size,
+            count_heldout_voice=count_heldout_voice,
+        )
         from conditune.data.synth import DEFAULT_HELDOUT_VOICES, SynthConfig, synthesize_dataset
 
         config = SynthConfig(
@@ -115,31 +161,44 @@ def register(app: typer.Typer) -> None:
     @group.command("check")
     def check_cmd(
         manifests: list[Path] = typer.Argument(..., help="JSONL manifests to validate."),
-        strict: bool = typer.Option(False, help="Fail on the first bad line."),
+        strict: bool = typer.Option(False, help="Stop at the first manifest with a bad line."),
         decode: bool = typer.Option(False, help="Also decode every audio file."),
     ) -> None:
-        """Validate manifests: count utterances per language, list skipped lines."""
-        from collections import Counter
-
-        from conditune.data.audio import AudioError, load_audio
-        from conditune.data.manifest import read_manifest
-
-        bad = 0
+        """Validate manifests: count utterances per language, list bad lines; exit 2 if any line is bad."""
+        bad = checked = 0
         for path in manifests:
-            data = read_manifest(path, strict=strict)
-            languages = Counter(u.language for u in data.utterances)
-            typer.echo(f"{path}\t{data.summary()}\t" + " ".join(f"{k}={v}" for k, v in sorted(languages.items())))
-            for line_no, reason in data.skipped:
-                typer.echo(f"  {path}:{line_no}: {reason}", err=True)
-            bad += len(data.skipped)
-            if decode:
-                for utt in data.utterances:
-                    try:
-                        load_audio(utt.audio)
-                    except AudioError as exc:
-                        typer.echo(f"  {utt.id}: {exc}", err=True)
-                        bad += 1
+            found = _check_manifest(path, decode=decode)
+            bad, checked = bad + found, checked + 1
+            if found and strict:
+                break
         if bad:
-            raise typer.Exit(1)
+            typer.echo(f"failed: {bad} problem(s) in {checked} manifest(s) checked (listed on stdout)", err=True)
+            raise typer.Exit(EXIT_CHECK_FAILED)
 
     app.add_typer(group, name="data")
+
+
+def _check_manifest(path: Path, *, decode: bool) -> int:
+    """Print one manifest's summary and its problems on stdout; return how many problems."""
+    from collections import Counter
+
+    from conditune.data.audio import AudioError, load_audio
+    from conditune.data.manifest import read_manifest
+
+    data = read_manifest(path, warn=False)
+    languages = Counter(u.language for u in data.utterances)
+    typer.echo(f"{path}\t{data.summary()}\t" + " ".join(f"{k}={v}" for k, v in sorted(languages.items())))
+    for line_no, reason in data.skipped:
+        typer.echo(f"  {path}:{line_no}: {reason}")
+    bad = len(data.skipped)
+    if not data.utterances and not data.skipped:
+        typer.echo(f"  {path}: no utterances (an empty manifest)")
+        bad += 1
+    if decode:
+        for utt in data.utterances:
+            try:
+                load_audio(utt.audio)
+            except AudioError as exc:
+                typer.echo(f"  {path}: {utt.id}: {exc}")
+                bad += 1
+    return bad

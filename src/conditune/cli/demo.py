@@ -1,4 +1,4 @@
-"""``conditune demo``: scan, select, train and evaluate a speech LLM on a CPU within a time budget."""
+"""``conditune demo [CONFIG.yaml] [section.key=value ...]``: scan, select, train and evaluate within a time budget."""
 
 from __future__ import annotations
 
@@ -6,85 +6,93 @@ from pathlib import Path
 
 import typer
 
-from conditune.demo import DemoOptions
+from conditune.errors import CondituneError
 
-DEFAULTS = DemoOptions()  # one place for the defaults: the library's
+READOUTS = {  # --readout presets: what the LLM reads
+    "adaptor": {"model.ctc.compress": False, "model.ctc.readout": "adaptor", "training.ctc_weight": 0.0},
+    "embeddings": {"model.ctc.compress": True, "model.ctc.readout": "embeddings"},
+}
+
+
+def split_arguments(arguments: list[str]) -> tuple[Path | None, list[str]]:
+    """``[CONFIG.yaml] [key=value ...]``: the optional config file first, then the overrides."""
+    config, overrides = None, []
+    for arg in arguments:
+        if "=" in arg:
+            overrides.append(arg)
+        elif config is None and not overrides:
+            config = Path(arg)
+        else:
+            raise CondituneError(f"unexpected argument {arg!r}: give one config file, then section.key=value overrides")
+    return config, overrides
 
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
+        arguments: list[str] = typer.Argument(
+            None,
+            metavar="[CONFIG.yaml] [section.key=value ...]",
+            help="The recipe (default: the shipped speech_demo.yaml) and overrides.",
+        ),
         output: Path = typer.Option(
-            Path("runs/demo"), "--output", "-o", help="Folder for metrics.json, report.md and plots."
+            None, "--output", "-o", help="Folder for metrics.json, report.md and plots [demo.output]."
         ),
         minutes: float = typer.Option(
-            30.0, "--minutes", help="Total wall-clock budget, set-up and evaluation included."
+            None, "--minutes", help="Wall-clock budget, set-up and evaluation included [demo.minutes]."
         ),
-        seed: int = typer.Option(0, "--seed", help="Training seed (the speech set is always the same)."),
-        count: int = typer.Option(100, "--count", help="How many lowest-kappa LLM tensors train."),
+        seed: int = typer.Option(
+            None, "--seed", help="Training seed; the speech set is always the same [training.seed]."
+        ),
+        count: int = typer.Option(None, "--count", help="How many lowest-kappa LLM tensors train [demo.count]."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No stage headers or progress bars."),
-        train_utterances: int = typer.Option(
-            None, "--train-utterances", hidden=True, help="Train utterances per language."
+        train_utterances: int = typer.Option(None, "--train-utterances", hidden=True, help="[demo.train_per_language]"),
+        dev_utterances: int = typer.Option(None, "--dev-utterances", hidden=True, help="[demo.dev_per_language]"),
+        test_utterances: int = typer.Option(None, "--test-utterances", hidden=True, help="[demo.test_per_language]"),
+        heldout: int = typer.Option(
+            None, "--heldout", hidden=True, help="Held-out sentences per language [demo.heldout]."
         ),
-        dev_utterances: int = typer.Option(None, "--dev-utterances", hidden=True),
-        test_utterances: int = typer.Option(None, "--test-utterances", hidden=True),
-        heldout: int = typer.Option(100, "--heldout", hidden=True, help="Held-out sentences per language."),
-        agreement_prompts: int = typer.Option(10, "--agreement-prompts", hidden=True),
+        agreement_prompts: int = typer.Option(
+            None, "--agreement-prompts", hidden=True, help="[demo.agreement_prompts]"
+        ),
         steps: int = typer.Option(
-            None, "--steps", hidden=True, help="Fixed optimizer steps instead of the time budget."
+            None, "--steps", hidden=True, help="Fixed main steps instead of the budget [demo.max_steps]."
         ),
-        align_steps: int = typer.Option(
-            DEFAULTS.align_steps, "--align-steps", hidden=True, help="CTC alignment steps before the main ones."
-        ),
+        align_steps: int = typer.Option(None, "--align-steps", hidden=True, help="[training.align_steps]"),
         readout: str = typer.Option(
-            DEFAULTS.readout,
+            None,
             "--readout",
             hidden=True,
-            help="embeddings: CTC-compressed token-embedding readout; adaptor: the paper's (all positions).",
+            help="embeddings: CTC-compressed token-embedding readout; adaptor: the paper's.",
         ),
-        vocab_size: int = typer.Option(
-            DEFAULTS.vocab_size,
-            "--vocab-size",
-            hidden=True,
-            help="Speak sentences of the N most frequent words (0: any).",
-        ),
-        speech_dir: Path = typer.Option(
-            None, "--speech-dir", hidden=True, help="Speech set folder (default $CONDITUNE_HOME/demo/speech)."
-        ),
+        vocab_size: int = typer.Option(None, "--vocab-size", hidden=True, help="[demo.vocab_size] (0: any sentence)."),
+        speech_dir: Path = typer.Option(None, "--speech-dir", hidden=True, help="[demo.speech_dir]"),
     ) -> None:
         """Fetch the demo models, synthesise speech, select the lowest-kappa tensors, train, measure WER and forgetting."""
         import json
 
-        from conditune.demo import run_demo
+        from conditune.recipes.demo import load_demo_config, run_demo
 
-        options = DemoOptions(
-            output=output,
-            minutes=minutes,
-            seed=seed,
-            count=count,
-            train_per_language=train_utterances,
-            dev_per_language=dev_utterances,
-            test_per_language=test_utterances,
-            heldout=heldout,
-            agreement_prompts=agreement_prompts,
-            max_steps=steps,
-            progress=not quiet,
-            speech_dir=speech_dir,
-            align_steps=align_steps,
-            readout=readout,
-            vocab_size=vocab_size or None,
-        )
-        result = run_demo(options)
+        config, overrides = split_arguments(arguments or [])
+        if readout is not None and readout not in READOUTS:
+            raise CondituneError(f"--readout must be one of {', '.join(READOUTS)}, not {readout!r}")
+        given = {
+            "demo.output": output, "demo.minutes": minutes, "training.seed": seed, "demo.count": count,
+            "demo.train_per_language": train_utterances, "demo.dev_per_language": dev_utterances,
+            "demo.test_per_language": test_utterances, "demo.heldout": heldout,
+            "demo.agreement_prompts": agreement_prompts, "demo.max_steps": steps, "training.align_steps": align_steps,
+            "demo.speech_dir": speech_dir,
+        }  # fmt: skip
+        options = {key: str(v) if isinstance(v, Path) else v for key, v in given.items() if v is not None}
+        if vocab_size is not None:
+            options["demo.vocab_size"] = vocab_size or None  # 0: any sentence
+        if quiet:
+            options["demo.progress"] = False
+        options.update(READOUTS.get(readout, {}))
+        from conditune.config import parse_overrides
+
+        cfg = load_demo_config(config, {**parse_overrides(overrides), **options})  # options win over overrides
+        result = run_demo(cfg)
         m = result.metrics
-        typer.echo(
-            json.dumps(
-                {
-                    "output": str(result.output),
-                    "wer": m["wer"],
-                    "forgetting": m["forgetting"],
-                    "steps": m["steps"],
-                    "seconds": m["seconds"],
-                    "setup_seconds": m["setup_seconds"],
-                }
-            )
-        )
+        keys = ("wer", "forgetting", "steps", "seconds", "setup_seconds")
+        typer.echo(json.dumps({"output": str(result.output), **{k: m[k] for k in keys}}))

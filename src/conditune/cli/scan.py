@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 from collections import defaultdict
@@ -22,7 +23,7 @@ def register(app: typer.Typer) -> None:
         spectrum: str = typer.Option(
             "fast", help="fast: extremes and log-volume; full: every singular value (saved beside the output)."
         ),
-        device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         cache: bool = typer.Option(
             True, "--cache/--no-cache", help="Reuse and extend the resumable cache of this checkpoint."
         ),
@@ -31,19 +32,37 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary table."),
     ) -> None:
         """Scan every weight matrix: κ = σ_max/σ_min, log-volume, entropy, shape-normalised κ."""
-        from conditune.scanning import scan_source, write_records
+        from conditune.io import check_writable
+        from conditune.validation import require_choice, require_device
 
+        # Everything a scan could fail on at its end is checked before it starts.
         if output is not None and output.suffix.lower() not in {".csv", ".json", ".parquet"}:
             raise CondituneError(f"{output}: unknown output format {output.suffix!r} (use .csv, .json or .parquet)")
+        spectrum = require_choice(spectrum, "--spectrum", ("fast", "full"))
+        device = require_device(device, "--device")
         pattern = _compile(include)
-        records, meta = scan_source(
-            source,
-            spectrum=spectrum,
-            device=device,
-            cache=cache,
-            progress=not quiet,
-            include=(lambda name: bool(pattern.search(name))) if pattern else None,
-        )
+        for path in (
+            output,
+            plot,
+            output.with_suffix(".spectra.safetensors") if output and spectrum == "full" else None,
+        ):
+            if path is not None:
+                check_writable(path)
+        if plot is not None and plot.suffix.lower() != ".png":
+            raise CondituneError(f"--plot {plot}: the plot is a PNG (name it .png)")
+        if cache:
+            _check_cache_writable()
+        from conditune.scanning import scan_source, write_records
+
+        with _progress(enabled=not quiet) as report:
+            records, meta = scan_source(
+                source,
+                spectrum=spectrum,
+                device=device,
+                cache=cache,
+                progress=report,
+                include=(lambda name: bool(pattern.search(name))) if pattern else None,
+            )
         if not _is_main_process():
             return
         if output is not None:
@@ -56,6 +75,43 @@ def register(app: typer.Typer) -> None:
             plot_scan(records, plot, title=meta["source"])
         if not quiet:
             print_summary(records, meta, output)
+
+
+def _check_cache_writable() -> None:
+    from conditune.io import OutputPathError, check_writable
+    from conditune.scanning.cache import cache_dir
+
+    try:
+        check_writable(cache_dir(), folder=True)
+    except OutputPathError as exc:
+        raise CondituneError(f"scan cache: {exc} (scan with --no-cache, or set CONDITUNE_HOME)") from None
+
+
+@contextlib.contextmanager
+def _progress(*, enabled: bool):
+    """A work-weighted progress bar on stderr (stdout is for results), as scan_source's callback."""
+    if not enabled or not _is_main_process():
+        yield False
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]scan[/bold] {task.fields[tensor]}", justify="left"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    task = bar.add_task("scan", total=1.0, tensor="")
+
+    def report(done: float, total: float, name: str | None) -> None:
+        bar.update(task, completed=done, total=total, tensor=_short(name) if name else "")
+
+    with bar:
+        yield report
 
 
 def _compile(pattern: str | None):
@@ -137,3 +193,7 @@ def _median(values):
 
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.3g}"
+
+
+def _short(name: str, width: int = 40) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1) :]

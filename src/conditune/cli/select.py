@@ -38,9 +38,12 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Select the tensors to fine-tune (lowest condition number first, by default)."""
+        from conditune.io import check_writable
         from conditune.selection import format_for, render, select, write_selection
 
         fmt = format_for(output, fmt)  # check before a possibly long scan
+        if output is not None:
+            check_writable(output)
         records, meta = _load_records(scan_file_or_source)
         selection = select(
             records,
@@ -56,6 +59,8 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             meta=meta,
         )
+        for note in selection.notes:
+            typer.echo(f"warning: {note}", err=True)
         if output is None:
             typer.echo(render(selection, fmt), nl=False)
         else:

@@ -3,44 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import typer
 
-from conditune.errors import CondituneError
-
-
-def resolve_model_dir(path: Path) -> Path:
-    """A model folder, a checkpoint, or a training output folder (its ``final/`` or latest checkpoint)."""
-    from conditune.speech.modeling import CONFIG_NAME
-    from conditune.training.checkpoint import latest_checkpoint
-
-    if not path.exists():
-        raise CondituneError(f"{path} does not exist")
-    if (path / CONFIG_NAME).is_file():
-        return path
-    if (path / "final" / CONFIG_NAME).is_file():
-        return path / "final"
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return latest
-    raise CondituneError(f"{path}: not a speech model, checkpoint or training output folder")
-
-
-def _load(checkpoint: Path, device: str | None, llm: str | None = None, encoder: str | None = None):
-    from conditune.cli.train import _quiet_transformers
-    from conditune.speech.modeling import SpeechLLM
-
-    _quiet_transformers()
-    overrides = {}
-    if llm:
-        overrides["llm.path"] = llm
-        overrides["llm.gguf_file"] = None
-    if encoder:
-        overrides["encoder.path"] = encoder
-    model = SpeechLLM.from_pretrained(resolve_model_dir(checkpoint), device=device, overrides=overrides)
-    model.eval()
-    return model
+log = logging.getLogger(__name__)
 
 
 def register(app: typer.Typer) -> None:
@@ -56,14 +24,28 @@ def register(app: typer.Typer) -> None:
         llm: str = typer.Option(None, help="Base LLM path, if it moved since training (folder, hub id or .gguf)."),
         encoder: str = typer.Option(None, help="Encoder folder, if it moved since training."),
     ) -> None:
-        """Transcribe audio files with a trained speech LLM."""
-        from conditune.io import atomic_write_text
+        """Transcribe audio files with a trained speech LLM (files without speech are reported, not decoded)."""
+        from conditune.cli.common import load_for_inference, speech_check
+        from conditune.evaluation.transcription import transcribe
+        from conditune.io import atomic_write_text, check_writable
+        from conditune.validation import require_device, require_int
 
-        model = _load(checkpoint, device, llm, encoder)
-        texts = model.transcribe(
-            [str(a) for a in audio], batch_size=batch_size, num_beams=beams, max_new_tokens=max_new_tokens
-        )
-        rows = [{"audio": str(a), "text": t} for a, t in zip(audio, texts)]
+        require_int(batch_size, "--batch-size", minimum=1)
+        require_int(beams, "--beams", minimum=1)
+        require_int(max_new_tokens, "--max-new-tokens", minimum=1)
+        if device is not None:
+            require_device(device, "--device", allow_auto=False)
+        if output is not None:
+            check_writable(output)  # before the model loads: nothing finished can be lost at the end
+        activity = speech_check(audio)  # also decodes every file once: a bad one is one line, now
+        model, processor = load_for_inference(checkpoint, device=device, llm=llm, encoder=encoder)
+        voiced = [a for a in audio if activity[a].has_speech]
+        texts = dict(zip(voiced, transcribe(model, processor, [str(a) for a in voiced], batch_size=batch_size,
+                                            num_beams=beams, max_new_tokens=max_new_tokens)))  # fmt: skip
+        rows = [{"audio": str(a), "text": texts.get(a, ""), "speech": activity[a].describe()} for a in audio]
+        silent = len(audio) - len(voiced)
+        if silent:
+            log.warning("%d of %d files hold no speech and were not decoded (text left empty)", silent, len(audio))
         if output:
             atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             typer.echo(f"wrote {len(rows)} transcripts to {output}", err=True)

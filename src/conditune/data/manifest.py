@@ -85,16 +85,22 @@ def _parse_line(raw: str, line_no: int, base: Path, stem: str) -> Utterance:
     return Utterance(id=str(utt_id), audio=audio_path, text=text, language=language.strip())
 
 
-def read_manifest(path: str | os.PathLike, strict: bool = False) -> ManifestData:
-    """Read a JSONL manifest; bad lines are skipped and counted (``strict``: raise on the first)."""
+def read_manifest(path: str | os.PathLike, strict: bool = False, *, warn: bool = True) -> ManifestData:
+    """Read a JSONL manifest; bad lines are skipped and counted (``strict``: raise on the first).
+
+    A UTF-8 byte-order mark (as some Windows editors write) is ignored. ``warn``: log one warning
+    line when lines were skipped (``conditune data check`` lists them itself).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CondituneError(f"manifest {path} is a folder, not a JSONL file")
     if not path.is_file():
         raise CondituneError(f"manifest not found: {path}")
     base = path.absolute().parent
     data = ManifestData(path=path)
     seen: dict[str, int] = {}
     try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
+        handle = open(path, encoding="utf-8-sig")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
         raise CondituneError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
     with handle:
@@ -115,7 +121,7 @@ def read_manifest(path: str | os.PathLike, strict: bool = False) -> ManifestData
                 data.utterances.append(utt)
         except UnicodeDecodeError as exc:
             raise CondituneError(f"manifest {path} is not UTF-8 text ({exc.reason})") from None
-    if data.skipped:
+    if data.skipped and warn:
         log.warning(
             "%s: skipped %d of %d lines (first: line %d: %s)",
             path,

@@ -11,8 +11,8 @@ Three measurements, all on text the speech training never saw (``heldout_text.<l
 * :func:`greedy_agreement` — greedy continuations of short instructions (through the tokenizer's chat
   template when it has one): fraction of token positions where the adapted model emits what the base
   model emits, and fraction of prompts with identical continuations.
-* :func:`load_llm_pair` — base LLM (as the speech model's config names it) and the adapted LLM from a
-  saved speech model folder (adaptor + ``llm_delta``), with the tokenizer.
+* :class:`ForgettingProbe` — both, over held-out texts and instructions per language: the one loop the
+  trainer's evaluation hook, the demo and the benchmarks run.
 
 Perplexity is ``exp(total NLL / total predicted tokens)`` over the whole set (token-weighted, not a
 mean of per-sentence perplexities).
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -290,25 +291,62 @@ def greedy_agreement(
     }
 
 
-def load_llm_pair(
-    model_dir: str | Path, *, device: str | torch.device | None = None
-) -> tuple[nn.Module, nn.Module, Any]:
-    """``(base_llm, adapted_llm, tokenizer)`` for a saved speech model folder (``final/`` or a checkpoint).
+# ---------------------------------------------------------------------------------------------- the probe
 
-    The base LLM is loaded from the same path the speech model's config names; the adapted one is the
-    speech model's LLM with its trained tensors (``llm_delta``) or LoRA adapters applied. No encoder is
-    loaded.
-    """
-    from conditune.speech.modeling import SpeechLLM, load_llm
 
-    speech = SpeechLLM.from_pretrained(model_dir, load_encoder=False, for_training=False)
-    adapted = speech.core_llm
-    base = load_llm(speech.config.llm)
-    if device is not None:
-        adapted.to(device)
-        base.to(device)
-    base.eval()
-    adapted.eval()
-    base.requires_grad_(False)
-    adapted.requires_grad_(False)
-    return base, adapted, speech.tokenizer
+@dataclass
+class ForgettingResult:
+    text: dict[str, dict[str, Any]] = field(default_factory=dict)  # language -> text_metrics(...)
+    agreement: dict[str, dict[str, Any]] = field(default_factory=dict)  # language -> greedy_agreement(...)
+    seconds: float = 0.0
+
+    def flat(self) -> dict[str, float]:
+        """One level of numbers (``kl_en``, ``ppl_change_de``, ..., and their means ``kl``, ``ppl_change``,
+        ``agreement``), as the metrics log and the experiment's results.csv hold them."""
+        out: dict[str, float] = {}
+        for lang, m in self.text.items():
+            out.update(
+                {
+                    f"ppl_base_{lang}": m["perplexity_base"],
+                    f"ppl_adapted_{lang}": m["perplexity_adapted"],
+                    f"ppl_change_{lang}": m["perplexity_adapted"] / m["perplexity_base"] - 1.0,
+                    f"kl_{lang}": m["kl_to_base"],
+                }
+            )
+        for lang, a in self.agreement.items():
+            out.update({f"agreement_{lang}": a["agreement"], f"exact_{lang}": a["exact"]})
+        langs = list(self.text)
+        if langs:
+            out["ppl_change"] = sum(out[f"ppl_change_{lang}"] for lang in langs) / len(langs)
+            out["kl"] = sum(out[f"kl_{lang}"] for lang in langs) / len(langs)
+        if self.agreement:
+            out["agreement"] = sum(a["agreement"] for a in self.agreement.values()) / len(self.agreement)
+        out["forgetting_s"] = round(self.seconds, 3)
+        return out
+
+
+@dataclass
+class ForgettingProbe:
+    """Held-out texts and instructions per language, measured on a base/adapted LLM pair."""
+
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    batch_size: int = 8
+    max_tokens: int = 128
+    agreement_new_tokens: int = 24
+
+    def measure(self, base_llm: nn.Module, adapted_llm: nn.Module, tokenizer) -> ForgettingResult:
+        import time
+
+        started = time.monotonic()
+        result = ForgettingResult()
+        for lang, rows in self.texts.items():
+            result.text[lang] = text_metrics(
+                base_llm, adapted_llm, tokenizer, rows, batch_size=self.batch_size, max_tokens=self.max_tokens
+            )
+        for lang, rows in self.prompts.items():
+            result.agreement[lang] = greedy_agreement(
+                base_llm, adapted_llm, tokenizer, rows, max_new_tokens=self.agreement_new_tokens
+            )
+        result.seconds = time.monotonic() - started
+        return result

@@ -181,3 +181,39 @@ def word_error_rate(
             result[group] = 100.0 * errors / entry["reference_words"]
     result["counts"] = counts
     return result
+
+
+def utterance_errors(
+    references: Sequence[str], hypotheses: Sequence[str], languages: Sequence[str]
+) -> list[tuple[int, int]]:
+    """(word errors, reference words) of each utterance on normalised text; (0, 0) where the normalised
+    reference is empty. Summed over utterances they give the corpus WER of :func:`word_error_rate`."""
+    import jiwer
+
+    rows = []
+    for ref, hyp, lang in zip(references, hypotheses, languages):
+        ref_n, hyp_n = normalise(ref or "", str(lang)), normalise(hyp or "", str(lang))
+        if not ref_n:
+            rows.append((0, 0))
+            continue
+        out = jiwer.process_words(ref_n, hyp_n)
+        rows.append((out.substitutions + out.deletions + out.insertions, len(ref_n.split())))
+    return rows
+
+
+def wer_intervals(
+    references: Sequence[str], hypotheses: Sequence[str], languages: Sequence[str], *, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """95 % bootstrap interval (utterances resampled) of the WER, in percent, overall and per language:
+    ``{"all": {"value", "low", "high"}, "<lang>": {...}}``."""
+    from conditune.evaluation.stats import bootstrap_ratio
+
+    rows = utterance_errors(references, hypotheses, languages)
+    groups: dict[str, list[tuple[int, int]]] = {"all": rows}
+    for row, lang in zip(rows, languages):
+        groups.setdefault(str(lang), []).append(row)
+    out = {}
+    for group, items in groups.items():
+        errors, words = zip(*items) if items else ((), ())
+        out[group] = bootstrap_ratio(errors, words, scale=100.0, seed=seed).to_dict()
+    return out

@@ -1,10 +1,13 @@
 """Controlled comparisons of what to fine-tune: lowest-κ vs highest-κ, random, LoRA (matched), full, ... over seeds.
 
->>> from conditune.experiment import run_experiment
+Components: the config (:mod:`~conditune.experiment.config`), what each arm trains
+(:mod:`~conditune.experiment.arms`), the folder layout (:mod:`~conditune.experiment.runs`) and the report
+(:mod:`~conditune.experiment.report`). The recipe that runs them is :mod:`conditune.recipes.experiment`:
+
+>>> from conditune.recipes.experiment import run_experiment
 >>> run_experiment("configs/experiment_small.yaml", "runs/experiment", ["experiment.seeds=[0]"])
 """
 
-from conditune.experiment.config import ARMS, ExperimentConfig, load_experiment_config
-from conditune.experiment.runner import run_experiment
+from conditune.experiment.config import ARMS, ExperimentConfig, ExperimentSettings, load_experiment_config
 
-__all__ = ["ARMS", "ExperimentConfig", "load_experiment_config", "run_experiment"]
+__all__ = ["ARMS", "ExperimentConfig", "ExperimentSettings", "load_experiment_config"]

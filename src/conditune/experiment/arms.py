@@ -53,14 +53,10 @@ def load_scan(cfg: ExperimentConfig, log=lambda msg: None):
 
     if cfg.experiment.scan:
         return read_records(cfg.experiment.scan)
-    from pathlib import Path
-
     from conditune.scanning import scan_source
-    from conditune.speech.modeling import _split_gguf
+    from conditune.speech.loading import llm_source
 
-    llm = (cfg.train_data.get("model") or {}).get("llm") or {}
-    path, gguf = _split_gguf(str(llm.get("path", "")), llm.get("gguf_file"))
-    source = str(Path(path) / gguf) if gguf else path
+    source = llm_source(cfg.model.llm)
     log(f"scanning {source} for condition numbers (cached)")
     return scan_source(source)
 

@@ -1,39 +1,42 @@
-"""Experiment configuration: the training config (``model``/``data``/``train``) plus an ``experiment`` section.
+"""Experiment configuration: a training recipe (``model``/``data``/``optimizer``/``training``/``evaluation``)
+plus an ``experiment`` section.
 
 Every key can be overridden on the command line as ``section.key=value`` (``experiment.seeds=[0]``,
-``train.max_steps=20``). The ``experiment`` section says which arms run, over which seeds, with which N,
-and where the forgetting probes (held-out text, instructions) come from; ``model.trainable`` is set
-per arm and ``train.seed`` / ``train.output_dir`` per run, so those keys are ignored if given.
+``training.max_steps=20``). The ``experiment`` section says which arms run, over which seeds, with which
+N, and where the forgetting probes (held-out text, instructions) come from; ``model.trainable`` is set
+per arm and ``training.seed`` / ``output.dir`` per run, so those keys are ignored if given.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conditune.config import load_config
 from conditune.errors import CondituneError
+from conditune.speech.configuration import TrainableConfig
+from conditune.training.config import TrainConfig, training_part
+from conditune.validation import require_range
 
 ARMS = ("lowest-kappa", "highest-kappa", "random", "lowest-kappa-norm", "adaptor-only", "lora", "kappa-lora", "full")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
-class ExperimentSection:
+class ExperimentSettings:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     count: int = 100  # N: tensors trained by the selection arms (the paper's N for Llama 3 8B)
     scan: str | None = None  # scan file (CSV/JSON/parquet) of the LLM; None: scan it here (cached)
     exclude: list[str] = field(default_factory=list)  # regexes: tensors never selected (e.g. "embed|lm_head")
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    lora_rank: object = "match"  # "match": r chosen so LoRA's trainable count matches lowest-kappa's
-    kappa_lora_rank: object = "match"  # the same for kappa-lora (LoRA on the lowest-kappa modules)
+    lora_rank: Any = "match"  # "match": r chosen so LoRA's trainable count matches lowest-kappa's; or an integer
+    kappa_lora_rank: Any = "match"  # the same for kappa-lora (LoRA on the lowest-kappa modules)
     lora_alpha_ratio: float = 2.0  # lora_alpha = ratio * r
     match_tolerance: float = 0.05  # the matched LoRA counts must be within this of lowest-kappa's
-    heldout_text: dict[str, str] = field(default_factory=dict)  # language -> held-out text file (one sentence a line)
+    heldout_text: dict[str, str] = field(default_factory=dict)  # language -> held-out text file (a sentence a line)
     heldout_limit: int | None = 64  # sentences per language
     max_tokens: int = 128  # per held-out sentence
     instructions: dict[str, list[str]] | None = None  # language -> prompts; None: DEFAULT_INSTRUCTIONS
@@ -43,60 +46,65 @@ class ExperimentSection:
     keep_checkpoints: bool = False  # False: delete a finished run's checkpoints/ (its final/ model stays)
     shard: str | None = None  # "i/n": this process runs only the runs with index % n == i (one process per GPU)
 
-
-@dataclass
-class ExperimentConfig:
-    experiment: ExperimentSection
-    train_data: dict[str, Any]  # the model/data/train sections, as given
-
     def validate(self) -> None:
-        e = self.experiment
-        if not e.arms:
+        if not self.arms:
             raise CondituneError("experiment.arms is empty")
-        bad = [a for a in e.arms if a not in ARMS]
+        bad = [a for a in self.arms if a not in ARMS]
         if bad:
             raise CondituneError(
                 f"unknown arm(s) {', '.join(map(str, bad))} in experiment.arms (known: {', '.join(ARMS)})"
             )
-        if len(set(e.arms)) != len(e.arms):
+        if len(set(self.arms)) != len(self.arms):
             raise CondituneError("experiment.arms lists an arm twice")
-        if not e.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in e.seeds):
+        if not self.seeds:
             raise CondituneError("experiment.seeds must be a non-empty list of integers")
-        if len(set(e.seeds)) != len(e.seeds):
+        if len(set(self.seeds)) != len(self.seeds):
             raise CondituneError("experiment.seeds lists a seed twice")
-        if not isinstance(e.count, int) or e.count < 1:
-            raise CondituneError(f"experiment.count must be a positive integer, not {e.count!r}")
+        require_range(self.count, "experiment.count", low=1, allow_none=True)
         for key in ("lora_rank", "kappa_lora_rank"):
-            value = getattr(e, key)
-            if value != "match" and not (isinstance(value, int) and value >= 1):
+            value = getattr(self, key)
+            if value != "match" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise CondituneError(f"experiment.{key} must be 'match' or a positive integer, not {value!r}")
-        if not isinstance(e.heldout_text, dict):
-            raise CondituneError("experiment.heldout_text must map a language to a text file")
-        for lang, path in e.heldout_text.items():
+        require_range(self.lora_alpha_ratio, "experiment.lora_alpha_ratio", low=0, low_open=True, allow_none=True)
+        require_range(self.match_tolerance, "experiment.match_tolerance", low=0, allow_none=True)
+        for key in ("heldout_limit", "max_tokens", "instructions_limit", "agreement_new_tokens", "metric_batch"):
+            require_range(getattr(self, key), f"experiment.{key}", low=1, allow_none=True)
+        for lang, path in self.heldout_text.items():
             if not Path(str(path)).is_file():
                 raise CondituneError(f"experiment.heldout_text.{lang}: {path} not found")
-        if e.scan is not None and not Path(e.scan).is_file():
-            raise CondituneError(f"experiment.scan: {e.scan} not found")
-        if e.shard is not None:
-            parse_shard(e.shard)
-        t = self.train_data.get("train") or {}
-        if t.get("max_seconds") is not None:
-            raise CondituneError("train.max_seconds must be null in an experiment: every arm trains the same steps")
-        self.train_config_for(self.experiment.seeds[0], "/tmp/unused", {"mode": "none"})  # checks model/data/train
+        if self.scan is not None and not Path(self.scan).is_file():
+            raise CondituneError(f"experiment.scan: {self.scan} not found")
+        if self.shard is not None:
+            parse_shard(self.shard)
 
-    def train_config_for(self, seed: int, output_dir: str | Path, trainable: dict[str, Any]):
+
+@dataclass
+class ExperimentConfig(TrainConfig):
+    experiment: ExperimentSettings = field(default_factory=ExperimentSettings)
+
+    def validate(self) -> None:
+        self.experiment.validate()
+        if self.training.max_seconds is not None:
+            raise CondituneError("training.max_seconds must be null in an experiment: every arm trains the same steps")
+        self.train_config_for(self.experiment.seeds[0], "unused", {"mode": "none"}).validate()
+
+    def recipe(self) -> TrainConfig:
+        """The training sections alone (what every arm shares)."""
+        return training_part(self)
+
+    def train_config_for(self, seed: int, output_dir: str | Path, trainable: Mapping[str, Any]) -> TrainConfig:
         """The :class:`TrainConfig` of one run: same data, steps and schedule for every arm."""
-        from conditune.training.config import TrainConfig
+        from conditune.config import build
 
-        data = copy.deepcopy(self.train_data)
-        data.setdefault("model", {})["trainable"] = trainable
-        t = data.setdefault("train", {})
-        t.update({"seed": int(seed), "output_dir": str(output_dir), "max_seconds": None})
-        every = t.get("eval_every") or 0
-        t["save_every"] = every  # a checkpoint at every evaluation: a killed run redoes at most one interval
-        t["keep_last"] = 1
-        t.setdefault("progress", False)
-        return TrainConfig.from_dict(data)
+        cfg = self.recipe()
+        cfg.model.trainable = build(TrainableConfig, trainable, "model.trainable")
+        cfg.training.seed = int(seed)
+        cfg.training.max_seconds = None
+        cfg.output.dir = str(output_dir)
+        cfg.output.save_every = cfg.evaluation.every  # a checkpoint at every evaluation: a kill redoes one interval
+        cfg.output.keep_last = 1
+        cfg.output.progress = False
+        return cfg
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -109,26 +117,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def load_experiment_config(path: str | Path | dict, overrides: Sequence[str] | dict[str, Any] = ()) -> ExperimentConfig:
-    from conditune.speech.config import build_dataclass
-    from conditune.training.config import apply_overrides, parse_overrides, read_config_file
-
-    data = copy.deepcopy(path) if isinstance(path, dict) else read_config_file(path, "experiment/model/data/train")
-    if not isinstance(overrides, dict):
-        overrides = parse_overrides(overrides)
-    data = apply_overrides(data, overrides)
-    unknown = sorted(set(data) - {"experiment", "model", "data", "train"})
-    if unknown:
-        raise CondituneError(f"unknown section(s) {', '.join(unknown)} (known: experiment, model, data, train)")
-    section = build_dataclass(ExperimentSection, data.pop("experiment", None) or {}, "experiment", {})
-    if isinstance(section.arms, str):
-        section.arms = [a.strip() for a in section.arms.split(",") if a.strip()]
-    if isinstance(section.seeds, int):
-        section.seeds = [section.seeds]
-    cfg = ExperimentConfig(section, data)
-    cfg.validate()
-    return cfg
-
-
-def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {"experiment": dataclasses.asdict(cfg.experiment), **copy.deepcopy(cfg.train_data)}
+def load_experiment_config(
+    path: str | Path | Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> ExperimentConfig:
+    return load_config(ExperimentConfig, path, overrides)

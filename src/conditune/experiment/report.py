@@ -22,7 +22,7 @@ NOISE_METRICS = ["wer_all", "ppl_change", "kl", "agreement"]
 
 def collect(output: Path, arms: list[str], seeds: list[int]) -> dict[tuple[str, int], dict[str, Any]]:
     """Finished runs: (arm, seed) -> {"done", "evals": {step: record}, "train": [records]}."""
-    from conditune.experiment.runner import DONE, run_dir
+    from conditune.experiment.runs import DONE, run_dir
 
     runs = {}
     for arm in arms:

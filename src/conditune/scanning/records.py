@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from conditune.errors import CondituneError
-from conditune.io import atomic_write
+from conditune.io import atomic_write, read_text_file
 
 OK, SKIPPED, FLAGGED = "ok", "skipped", "flagged"
 
@@ -186,30 +187,28 @@ def _csv_value(value: Any) -> Any:
 
 
 def read_records(path: str | Path) -> tuple[list[TensorRecord], dict[str, Any]]:
-    """Read a scan file written by :func:`write_records` (or by hand with the same columns)."""
+    """Read a scan file written by :func:`write_records` (or by hand with the same columns).
+
+    Anything wrong with it (not a scan file, a value that is not a number, a condition number
+    below 1, a negative size) is one :class:`CondituneError` naming the file and the line (CSV) or
+    record (JSON, parquet) and the column.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CondituneError(f"{path}: is a folder, not a scan file (.csv, .json or .parquet)")
     if not path.is_file():
         raise CondituneError(f"{path}: scan file not found")
     suffix = path.suffix.lower()
-    meta: dict[str, Any] = {}
     try:
         if suffix == ".csv":
-            with open(path, newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            meta_path = path.with_suffix(path.suffix + ".meta.json")
-            if meta_path.is_file():
-                meta = json.loads(meta_path.read_text())
+            rows, meta = _read_csv(path)
         elif suffix == ".json":
-            data = json.loads(path.read_text())
-            if isinstance(data, list):
-                rows = data
-            else:
-                rows, meta = data.get("records", []), data.get("meta", {})
+            rows, meta = _read_json(path)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
             table = pq.read_table(path)
-            rows = table.to_pylist()
+            rows = [(f"record {k}", row) for k, row in enumerate(table.to_pylist(), start=1)]
             raw = (table.schema.metadata or {}).get(b"conditune")
             meta = json.loads(raw) if raw else {}
         else:
@@ -217,5 +216,76 @@ def read_records(path: str | Path) -> tuple[list[TensorRecord], dict[str, Any]]:
     except CondituneError:
         raise
     except Exception as exc:  # corrupt file: say which and why, in one line
-        raise CondituneError(f"{path}: cannot read scan file ({type(exc).__name__}: {exc})") from exc
-    return [TensorRecord.from_row(row) for row in rows], meta
+        raise CondituneError(f"{path}: cannot read scan file ({type(exc).__name__}: {_one_line(exc)})") from exc
+    return [_record_from(path, where, row) for where, row in rows], meta
+
+
+def _read_csv(path: Path) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    rows = []
+    reader = csv.DictReader(io.StringIO(read_text_file(path, what="scan file"), newline=""))
+    for row in reader:
+        rows.append((f"line {reader.line_num}", row))
+    meta: dict[str, Any] = {}
+    meta_path = path.with_suffix(path.suffix + ".meta.json")
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CondituneError(f"{meta_path}: cannot read the scan's metadata ({_one_line(exc)})") from None
+        if not isinstance(meta, dict):
+            raise CondituneError(f"{meta_path}: the scan's metadata is not a JSON object")
+    return rows, meta
+
+
+def _read_json(path: Path) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    data = json.loads(read_text_file(path, what="scan file"))
+    meta: dict[str, Any] = {}
+    if isinstance(data, dict):
+        if not isinstance(data.get("records"), list):
+            raise CondituneError(f"{path}: not a scan file (a JSON object without a 'records' list)")
+        rows, meta = data["records"], data.get("meta") or {}
+    elif isinstance(data, list):
+        rows = data
+    else:
+        raise CondituneError(f"{path}: not a scan file (JSON {type(data).__name__}, expected records)")
+    return [(f"record {k}", row) for k, row in enumerate(rows, start=1)], meta
+
+
+def _record_from(path: Path, where: str, row: Any) -> TensorRecord:
+    if not isinstance(row, dict):
+        raise CondituneError(f"{path}: {where}: {_one_line(repr(row))[:40]} is not a record (an object with a 'name')")
+    try:
+        record = TensorRecord.from_row(row)
+    except (ValueError, TypeError, OverflowError, CondituneError) as exc:
+        raise CondituneError(f"{path}: {where}: {_row_problem(row, exc)}") from None
+    problem = _impossible(record)
+    if problem:
+        raise CondituneError(f"{path}: {where}: {problem} (a damaged scan file?)")
+    return record
+
+
+def _row_problem(row: dict[str, Any], exc: Exception) -> str:
+    for f in dataclasses.fields(TensorRecord):
+        if f.name in row and f.name != "extra":
+            try:
+                _coerce(f.name, row[f.name])
+            except (ValueError, TypeError, OverflowError, CondituneError):
+                kind = "whole number" if f.name in _INT_COLUMNS else "shape" if f.name == "shape" else "number"
+                return f"column {f.name!r}: {row[f.name]!r} is not a {kind}"
+    return _one_line(exc)
+
+
+def _impossible(record: TensorRecord) -> str | None:
+    """A value no scan can produce (sizes are not negative; an ok record's κ = σ_max/σ_min is >= 1)."""
+    if record.numel < 0:
+        return f"column 'numel': {record.numel} is negative"
+    if any(d < 0 for d in record.shape):
+        return f"column 'shape': {format_shape(record.shape)} has a negative size"
+    kappa = record.kappa
+    if record.status == OK and kappa is not None and not math.isnan(kappa) and kappa < 1 - 1e-6:
+        return f"column 'kappa': {kappa!r} is below 1 (a condition number sigma_max/sigma_min is >= 1)"
+    return None
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())

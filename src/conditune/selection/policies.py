@@ -104,6 +104,7 @@ class Selection:
     candidates: int  # parameters that were eligible
     options: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # "source" and "fingerprint" of the scanned checkpoint
+    notes: list[str] = field(default_factory=list)  # warnings for the user: a size beyond what the scan holds
 
     @property
     def names(self) -> list[str]:
@@ -164,6 +165,7 @@ def select(
     """
     include, exclude = list(include), list(exclude)
     _check_options(policy, score, count, budget, params, threshold)
+    asked_count = count
     param_limit = parse_params(params) if params is not None else None
     sizes = _parameter_sizes(records)
     model_params = sum(numel for numel, _ in sizes.values())
@@ -194,7 +196,24 @@ def select(
         "seed": seed if policy == "random" else None,
     }
     source = {k: (meta or {}).get(k) for k in ("source", "fingerprint") if (meta or {}).get(k) is not None}
-    return Selection(chosen, policy, score, model_params, len(ranked), options, source)
+    notes = _oversize_notes(asked_count, params, param_limit, ranked)
+    return Selection(chosen, policy, score, model_params, len(ranked), options, source, notes)
+
+
+def _oversize_notes(count: int | None, params, param_limit: int | None, ranked: list[Candidate]) -> list[str]:
+    """A size the user asked for that is beyond what the candidates hold is taken as "all", with a note."""
+    notes = []
+    if count is not None and count > len(ranked):
+        notes.append(
+            f"--count {count} is more than the {len(ranked)} candidate tensors: all {len(ranked)} are selected"
+        )
+    available = sum(c.numel for c in ranked)
+    if params is not None and param_limit is not None and param_limit > available:
+        notes.append(
+            f"--params {params} is more than the {format_params(available)} parameters of all candidate tensors: "
+            "all are selected"
+        )
+    return notes
 
 
 def _check_options(policy: str, score: str, count, budget, params, threshold) -> None:

@@ -1,7 +1,17 @@
-"""Speech LLM: frozen Whisper encoder + trainable adaptor + condition-number-selected LLM tensors."""
+"""Speech LLM: frozen Whisper encoder (the processor's) -> adaptor + CTC head -> condition-number-selected LLM.
 
-from conditune.speech.config import (
+>>> from conditune.speech import SpeechLLM, SpeechProcessor
+>>> model = SpeechLLM.from_pretrained("runs/demo/train/final")
+>>> processor = SpeechProcessor.from_pretrained("runs/demo/train/final")
+>>> from conditune.evaluation.transcription import transcribe
+>>> transcribe(model, processor, ["audio.wav"])
+
+or through transformers: :func:`conditune.speech.pipeline.speech_recognition_pipeline`.
+"""
+
+from conditune.speech.configuration import (
     AdaptorConfig,
+    CTCConfig,
     EncoderConfig,
     LLMConfig,
     LoRAConfig,
@@ -11,11 +21,13 @@ from conditune.speech.config import (
 
 __all__ = [
     "AdaptorConfig",
+    "CTCConfig",
     "EncoderConfig",
     "LLMConfig",
     "LoRAConfig",
     "SpeechLLM",
     "SpeechLLMConfig",
+    "SpeechProcessor",
     "TrainableConfig",
 ]
 
@@ -25,4 +37,8 @@ def __getattr__(name):
         from conditune.speech.modeling import SpeechLLM
 
         return SpeechLLM
+    if name == "SpeechProcessor":
+        from conditune.speech.processing import SpeechProcessor
+
+        return SpeechProcessor
     raise AttributeError(name)

@@ -6,11 +6,8 @@ padded frames (``key_padding_mask`` from the lengths; new length ``ceil(len / k)
 ``output_scale`` (set to the RMS of the LLM's token embeddings when the model is built, so audio and text
 positions start at the same magnitude).
 
-The adaptor also owns a small CTC head for the optional alignment stage of training
-(:meth:`conditune.speech.modeling.SpeechLLM.ctc_loss`): each output position is scored against the LLM's
-own frozen token embeddings plus a learned blank vector, which pulls the audio positions towards the
-embeddings of the words spoken, in order, before the LLM is asked to read them. With ``ctc_compress`` the
-same head decides which positions the LLM reads (:meth:`~conditune.speech.modeling.SpeechLLM.compress`).
+The adaptor carries the CTC head that reads its outputs (:class:`~conditune.speech.ctc.CTCHead`, a module of
+its own: parameters and math), so adaptor and head are trained, saved and loaded together.
 """
 
 from __future__ import annotations
@@ -20,7 +17,8 @@ import math
 import torch
 from torch import nn
 
-from conditune.speech.config import AdaptorConfig
+from conditune.speech.configuration import AdaptorConfig
+from conditune.speech.ctc import CTCHead
 
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -44,6 +42,8 @@ class AudioAdaptor(nn.Module):
         self.factor = int(config.subsample)
         self.encoder_dim = int(encoder_dim)
         self.llm_dim = int(llm_dim)
+        # registered first: the parameter order (which gradient clipping sums norms in) stays that of 0.1.0
+        self.ctc_head = CTCHead(self.llm_dim)
         self.proj = nn.Linear(self.factor * self.encoder_dim, self.llm_dim)
         self.norm = nn.LayerNorm(self.llm_dim)
         heads = int(config.heads)
@@ -62,13 +62,6 @@ class AudioAdaptor(nn.Module):
             for _ in range(int(config.depth))
         )
         self.output_scale = nn.Parameter(torch.ones(()))
-        self.ctc_blank = nn.Parameter(torch.zeros(self.llm_dim))  # the blank "token embedding"
-        # log of the CTC logit scale: token-embedding dot products are small (SmolLM2: |e| ~ 3), so the
-        # softmax over ~50k tokens needs a gain that can grow quickly
-        self.ctc_log_scale = nn.Parameter(torch.tensor(math.log(4.0)))
-        # the token ids the CTC head scores (those of the training transcripts; empty: every token). Saved with
-        # the adaptor, so a loaded model compresses (ctc_compress) exactly as it did in training.
-        self.register_buffer("ctc_vocabulary", torch.zeros(0, dtype=torch.long))
 
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``frames [B, T, D_enc]``, ``lengths [B]`` -> ``(embeddings [B, ceil(T/k), D_llm], new lengths [B])``."""

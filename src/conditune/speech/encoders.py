@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from conditune.errors import CondituneError
-from conditune.speech.config import EncoderConfig
+from conditune.speech.configuration import EncoderConfig
 
 SAMPLE_RATE = 16000
 HOP_LENGTH = 160
@@ -209,7 +209,7 @@ def _ct2_dim(path: Path, encoder: CT2WhisperEncoder) -> int:
 def build_encoder(config: EncoderConfig) -> SpeechEncoder:
     from dataclasses import replace
 
-    from conditune.speech.modeling import resolve_path
+    from conditune.speech.loading import resolve_path
 
     config = replace(config, path=resolve_path(config.path))
     path = Path(config.path)

@@ -17,10 +17,10 @@ from conditune.io import atomic_write
 from conditune.speech.encoders import SpeechEncoder
 
 
-def _load_audio(path, sample_rate=16000):
+def _load_audio(path, sample_rate=16000, max_seconds=None):
     from conditune.data.audio import load_audio
 
-    return load_audio(path, sample_rate=sample_rate)
+    return load_audio(path, sample_rate=sample_rate, max_seconds=max_seconds)
 
 
 def _fingerprint(path) -> str:
@@ -44,7 +44,9 @@ class FeatureCache:
         self.root = Path(root) / encoder.identity if root is not None else None
         self.memory: dict[str, torch.Tensor] | None = {} if memory else None
         self._fingerprints: dict[str, str] = {}
-        self._load_audio = load_audio or _load_audio
+        # only what the encoder reads is decoded (an hour-long file costs its first max_seconds, not its length)
+        limit = getattr(getattr(encoder, "config", None), "max_seconds", None)
+        self._load_audio = load_audio or (lambda path: _load_audio(path, max_seconds=limit))
         self.hits = 0
         self.misses = 0
 

@@ -1,7 +1,7 @@
 """Training checkpoints: complete or absent, never half-written.
 
 ``<output_dir>/checkpoints/step-00000120/`` holds the model files of
-:meth:`~conditune.speech.modeling.SpeechLLM.save_pretrained` (config, adaptor, LLM delta), plus
+:meth:`~conditune.speech.modeling.SpeechLLM.save_pretrained` (config, adaptor and CTC head, LLM delta), plus
 ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (Python, NumPy, torch and CUDA generator states),
 ``train_config.yaml`` and ``trainer_state.json`` (step, data position, counters). Everything is
 written into a hidden staging folder that is renamed into place at the end, so a killed run leaves at
@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,18 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def latest_intact_checkpoint(output_dir: str | Path, log=lambda msg: None) -> Path | None:
+    """The newest checkpoint whose files match their integrity record; each damaged newer one is reported
+    through ``log`` and passed over (``--resume`` falls back instead of stopping)."""
+    from conditune.integrity import latest_intact
+
+    newest_first = [path for _, path in reversed(list_checkpoints(output_dir))]
+    chosen, skipped = latest_intact(newest_first, missing_ok=True)  # 0.1.0 checkpoints have no record
+    for path, reason in skipped:
+        log(f"warning: checkpoint {path} is damaged ({reason}); resuming from an earlier one")
+    return chosen
 
 
 def rng_state() -> dict[str, Any]:
@@ -108,7 +121,10 @@ def save_checkpoint(
         _torch_save_atomic(scheduler.state_dict(), staging / "scheduler.pt")
         _torch_save_atomic(rng_state(), staging / "rng.pt")
         atomic_write_text(staging / "train_config.yaml", config_yaml)
-        atomic_write_json(staging / STATE_NAME, trainer_state)  # last: marks the folder complete
+        atomic_write_json(staging / STATE_NAME, trainer_state)  # marks the folder complete
+        from conditune.integrity import write_manifest
+
+        write_manifest(staging)  # size + sha256 of every file: damage found later is one line naming the file
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -118,6 +134,27 @@ def save_checkpoint(
     _fsync_dir(root)
     prune_checkpoints(output_dir, keep_last)
     return final
+
+
+def replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder through ``write(staging)`` into a hidden staging folder, then swap it in for ``folder``:
+    a reader sees the old folder or the new one, never a mix."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        write(staging)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(staging, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(folder.parent)
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
@@ -157,3 +194,22 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A model folder, a checkpoint, or a training output folder (its ``final/`` or latest checkpoint)."""
+    from conditune.speech.configuration import read_model_config
+
+    path = Path(path)
+    if not path.exists():
+        raise CondituneError(f"{path} does not exist")
+    for candidate in (path, path / "final"):
+        try:
+            read_model_config(candidate)
+            return candidate
+        except CondituneError:
+            continue
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise CondituneError(f"{path}: not a speech model, checkpoint or training output folder")

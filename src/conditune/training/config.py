@@ -1,32 +1,40 @@
-"""Training configuration: one YAML file with ``model``, ``data`` and ``train`` sections.
+"""Training configuration: one YAML file, one section per concern, every key overridable as ``section.key=value``.
 
-Every key can be overridden on the command line as ``section.key=value`` (``train.lr=1e-4``,
-``model.trainable.mode=lora``); values are parsed as YAML and checked against the field types.
+=============  ==========================================================================================
+``model``      the speech LLM (:class:`~conditune.speech.configuration.SpeechLLMConfig`)
+``data``       manifests, batching, the feature cache
+``optimizer``  AdamW and its learning-rate schedule, gradient clipping
+``training``   seed, steps (alignment stage, main steps), accumulation, precision, device, time budget
+``evaluation`` dev WER during training: how often, on how many utterances, decoding settings
+``output``     where runs, checkpoints and logs go
+=============  ==========================================================================================
+
+``conditune train configs/speech_demo.yaml training.max_steps=50 optimizer.lr=5e-4``. Configs written for
+0.1.0 (a single ``train:`` section) still load: :data:`TrainConfig.RENAMED_KEYS` moves each key.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import yaml
-
+from conditune.config import load_config, to_dict, to_yaml
 from conditune.errors import CondituneError
-from conditune.speech.config import _DATACLASSES as _SPEECH_DATACLASSES
-from conditune.speech.config import SpeechLLMConfig, build_dataclass
+from conditune.speech.configuration import SpeechLLMConfig
+from conditune.validation import require_choice, require_range
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+# sections of other recipes that may share a file with a training config (the demo's recipe file)
+RECIPE_SECTIONS = ("demo", "synth", "experiment")
 
 
 @dataclass
 class DataConfig:
-    train: str | list[str] | None = None  # JSONL manifest(s)
-    dev: str | list[str] | None = None
+    train: Any = None  # a JSONL manifest, or a list of them
+    dev: Any = None
     strict: bool = False  # broken rows/audio: error instead of skip-and-count
     max_batch: int = 8  # utterances per micro-batch (length-bucketed)
     feature_cache: str | None = None  # folder for cached encoder outputs (None: $CONDITUNE_HOME/features)
@@ -34,140 +42,149 @@ class DataConfig:
     encode_batch: int = 16
     max_text_tokens: int = 256  # longer transcripts are skipped (counted)
 
+    def manifests(self, split: str) -> list[str]:
+        value = getattr(self, split)
+        if value is None:
+            return []
+        return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
+
 
 @dataclass
-class OptimConfig:
-    output_dir: str = "runs/speech"
-    overwrite: bool = False  # start afresh in an output_dir that holds checkpoints (they are deleted)
-    seed: int = 0
+class OptimizerConfig:
     lr: float = 3e-4  # adaptor learning rate (its post-norm attention layers do not train at 1e-3: docs/speech.md)
     llm_lr: float | None = None  # trainable LLM tensors (default: lr)
+    align_lr: float | None = None  # adaptor learning rate in the alignment stage (default: lr)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 0
     schedule: str = "cosine"
+    clip_norm: float | None = 1.0
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 0
     max_steps: int | None = None  # main optimizer steps (None: epochs decide); align_steps come before them
     # Alignment stage: CTC-only steps that train the adaptor alone (the LLM is not run, so a step costs a
     # small fraction of a main step) to emit the embeddings of the spoken tokens, in order.
     align_steps: int = 0
-    align_lr: float | None = None  # adaptor learning rate in the alignment stage (default: lr)
     ctc_weight: float = 0.0  # the same CTC loss, weighted, added to Algorithm 1's loss in the main steps
     epochs: int = 1
     max_seconds: float | None = None  # wall-clock budget; stops cleanly with a checkpoint
     grad_accum: int = 1
-    clip_norm: float | None = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16 (bf16 on GPU recommended)
     device: str | None = None  # None: accelerate's choice (GPU when there is one)
-    log_every: int = 10
-    eval_every: int = 0  # main steps (after align_steps); 0: evaluate only at the end
-    eval_max_utterances: int | None = None  # dev subset scored in evaluations, shared evenly between languages
-    save_every: int = 0  # steps; 0: only the final checkpoint
-    keep_last: int = 3
+
+
+@dataclass
+class EvaluationConfig:
+    every: int = 0  # main steps (after align_steps); 0: evaluate only at the end
+    max_utterances: int | None = None  # dev subset scored, shared evenly between languages
     num_beams: int = 1
     max_new_tokens: int = 64
-    eval_batch: int = 8
+    batch_size: int = 8
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/speech"
+    overwrite: bool = False  # start afresh in a dir that holds checkpoints (they are deleted)
+    save_every: int = 0  # steps; 0: only the final checkpoint
+    keep_last: int = 3  # 0: keep every checkpoint
+    log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
 
 
-@dataclass
-class TrainConfig:
-    model: SpeechLLMConfig = field(default_factory=SpeechLLMConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: OptimConfig = field(default_factory=OptimConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        cfg = build_dataclass(cls, data or {}, "config", _REGISTRY)
-        cfg.validate()
-        return cfg
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def validate(self) -> None:
-        self.model.validate()
-        t = self.train
-        if t.schedule not in SCHEDULES:
-            raise CondituneError(f"train.schedule must be one of {', '.join(SCHEDULES)}, not {t.schedule!r}")
-        if t.mixed_precision not in PRECISIONS:
-            raise CondituneError(
-                f"train.mixed_precision must be one of {', '.join(PRECISIONS)}, not {t.mixed_precision!r}"
-            )
-        if t.grad_accum < 1 or self.data.max_batch < 1:
-            raise CondituneError("train.grad_accum and data.max_batch must be >= 1")
-        if t.max_steps is not None and t.max_steps < 1:
-            raise CondituneError("train.max_steps must be >= 1")
-        if t.align_steps < 0 or t.ctc_weight < 0:
-            raise CondituneError("train.align_steps and train.ctc_weight must be >= 0")
-        if self.model.adaptor.ctc_compress and not (t.align_steps or t.ctc_weight):
-            raise CondituneError(
-                "model.adaptor.ctc_compress needs a trained CTC head: set train.align_steps and/or train.ctc_weight"
-            )
-        if not self.data.train:
-            raise CondituneError("data.train (a manifest) is not set")
-
-
-_REGISTRY = {
-    **_SPEECH_DATACLASSES,
-    "SpeechLLMConfig": SpeechLLMConfig,
-    "DataConfig": DataConfig,
-    "OptimConfig": OptimConfig,
+_OLD_TRAIN_SECTION = {  # 0.1.0's `train:` section -> today's sections
+    **{f"train.{k}": f"output.{k}" for k in ("overwrite", "save_every", "keep_last", "log_every", "tensorboard")},
+    **{f"train.{k}": f"output.{k}" for k in ("progress",)},
+    "train.output_dir": "output.dir",
+    **{f"train.{k}": f"optimizer.{k}" for k in ("lr", "llm_lr", "align_lr", "weight_decay", "beta1", "beta2")},
+    **{f"train.{k}": f"optimizer.{k}" for k in ("warmup_steps", "schedule", "clip_norm")},
+    **{f"train.{k}": f"training.{k}" for k in ("seed", "max_steps", "align_steps", "ctc_weight", "epochs")},
+    **{f"train.{k}": f"training.{k}" for k in ("max_seconds", "grad_accum", "mixed_precision", "device")},
+    "train.eval_every": "evaluation.every",
+    "train.eval_max_utterances": "evaluation.max_utterances",
+    "train.num_beams": "evaluation.num_beams",
+    "train.max_new_tokens": "evaluation.max_new_tokens",
+    "train.eval_batch": "evaluation.batch_size",
 }
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise CondituneError(f"override {item!r} is not of the form section.key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise CondituneError(f"override {item!r} has an empty key")
-        try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            out[key] = raw
-    return out
+@dataclass
+class TrainConfig:
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        **_OLD_TRAIN_SECTION,
+        **{f"model.{old}": f"model.{new}" for old, new in SpeechLLMConfig.RENAMED_KEYS.items()},
+    }
+
+    model: SpeechLLMConfig = field(default_factory=SpeechLLMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return to_yaml(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        return load_config(cls, data)
+
+    def validate(self, *, require_data: bool = True) -> None:
+        """Every value in range, the key named; ``require_data=False`` for a recipe that fills ``data.train`` itself."""
+        self.model.validate()
+        o, t, e, d, out = self.optimizer, self.training, self.evaluation, self.data, self.output
+        require_choice(o.schedule, "optimizer.schedule", SCHEDULES)
+        require_choice(t.mixed_precision, "training.mixed_precision", PRECISIONS)
+        for key, value in (("lr", o.lr), ("llm_lr", o.llm_lr), ("align_lr", o.align_lr)):
+            require_range(value, f"optimizer.{key}", low=0, low_open=True, allow_none=True)
+        require_range(o.weight_decay, "optimizer.weight_decay", low=0, allow_none=True)
+        require_range(o.beta1, "optimizer.beta1", low=0, high=1, allow_none=True)
+        require_range(o.beta2, "optimizer.beta2", low=0, high=1, allow_none=True)
+        require_range(o.warmup_steps, "optimizer.warmup_steps", low=0, allow_none=True)
+        require_range(o.clip_norm, "optimizer.clip_norm", low=0, low_open=True, allow_none=True)
+        require_range(t.max_steps, "training.max_steps", low=1, allow_none=True)
+        require_range(t.align_steps, "training.align_steps", low=0, allow_none=True)
+        require_range(t.ctc_weight, "training.ctc_weight", low=0, allow_none=True)
+        require_range(t.epochs, "training.epochs", low=1, allow_none=True)
+        require_range(t.max_seconds, "training.max_seconds", low=0, low_open=True, allow_none=True)
+        require_range(t.grad_accum, "training.grad_accum", low=1, allow_none=True)
+        require_range(d.max_batch, "data.max_batch", low=1, allow_none=True)
+        require_range(d.encode_batch, "data.encode_batch", low=1, allow_none=True)
+        require_range(d.max_text_tokens, "data.max_text_tokens", low=1, allow_none=True)
+        require_range(e.every, "evaluation.every", low=0, allow_none=True)
+        require_range(e.max_utterances, "evaluation.max_utterances", low=1, allow_none=True)
+        require_range(e.num_beams, "evaluation.num_beams", low=1, allow_none=True)
+        require_range(e.max_new_tokens, "evaluation.max_new_tokens", low=1, allow_none=True)
+        require_range(e.batch_size, "evaluation.batch_size", low=1, allow_none=True)
+        for key in ("save_every", "log_every", "keep_last"):  # keep_last 0: keep every checkpoint
+            require_range(getattr(out, key), f"output.{key}", low=0, allow_none=True)
+        if self.model.ctc.compress and not (t.align_steps or t.ctc_weight):
+            raise CondituneError(
+                "model.ctc.compress needs a trained CTC head: set training.align_steps and/or training.ctc_weight"
+            )
+        if require_data and not d.manifests("train"):
+            raise CondituneError("data.train (a manifest) is not set")
 
 
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    data = copy.deepcopy(data)
-    for key, value in overrides.items():
-        node = data
-        *parents, last = key.split(".")
-        for p in parents:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise CondituneError(f"override {key}: {p} is not a section")
-            node = child
-        node[last] = value
-    return data
+def training_part(config: TrainConfig) -> TrainConfig:
+    """A copy of the training sections of a recipe's config (which extends :class:`TrainConfig`)."""
+    import copy
+    import dataclasses
+
+    return TrainConfig(**{f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(TrainConfig)})
 
 
-def read_config_file(path: str | Path, sections: str = "model/data/train") -> dict[str, Any]:
-    """A YAML config file as a dict; a missing, malformed or non-mapping file is a one-line error."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise CondituneError(f"config file {path} not found") from None
-    except yaml.YAMLError as exc:
-        raise CondituneError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(data, dict):
-        raise CondituneError(f"{path}: expected a mapping with {sections} sections")
-    return data
-
-
-def load_train_config(path: str | Path | None, overrides: Sequence[str] | dict[str, Any] = ()) -> TrainConfig:
-    data: dict[str, Any] = read_config_file(path) if path is not None else {}
-    if not isinstance(overrides, dict):
-        overrides = parse_overrides(overrides)
-    return TrainConfig.from_dict(apply_overrides(data, overrides))
+def load_train_config(
+    path: str | Path | Mapping[str, Any] | None, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file (or a mapping) and ``section.key=value`` overrides, validated;
+    the sections of other recipes in the same file (``demo:``, ``synth:``, ``experiment:``) are left out."""
+    return load_config(TrainConfig, path, overrides, ignore_sections=RECIPE_SECTIONS)

@@ -1,0 +1,33 @@
+"""What several commands share: loading a trained speech model for transcription."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conditune.training.checkpoint import find_model_dir
+
+
+def load_for_inference(checkpoint: Path, *, device: str | None, llm: str | None = None, encoder: str | None = None,
+                       cache_dir: Path | None = None):  # fmt: skip
+    """(model, processor) of a trained speech LLM for transcription; ``llm`` / ``encoder`` when they moved."""
+    from conditune.speech.modeling import SpeechLLM
+    from conditune.speech.processing import SpeechProcessor
+
+    overrides = {}
+    if llm:
+        overrides.update({"llm.path": llm, "llm.gguf_file": None})
+    if encoder:
+        overrides["encoder.path"] = encoder
+    folder = find_model_dir(checkpoint)
+    processor = SpeechProcessor.from_pretrained(folder, overrides=overrides, cache_dir=cache_dir)
+    model = SpeechLLM.from_pretrained(folder, device=device, overrides=overrides)
+    model.eval()
+    return model, processor
+
+
+def speech_check(files) -> dict:
+    """``{file: SpeechActivity}`` of each audio file's first 30 s (an energy check: silence and steady noise
+    give confident nonsense when decoded); an unreadable file is one error line naming it."""
+    from conditune.data.audio import load_audio, speech_activity
+
+    return {f: speech_activity(load_audio(f, max_seconds=30.0)) for f in files}
