@@ -299,7 +299,8 @@ def test_sentence_extraction(tmp_path):
     sentences = synth.extract_sentences([path], "en", min_words=4, max_words=20)
     assert "The quick brown fox jumps over the lazy dog." in sentences
     assert "Never trust a computer you can't throw out a window, he said." in sentences
-    assert "Mr. Smith went to Washington by train." in sentences  # no split after "Mr."
+    assert "Mister Smith went to Washington by train." in sentences  # no split after "Mr.", then spelled out
+    assert "The year nineteen eighty-four was long ago indeed." in sentences  # numbers spelled out
     assert not any("Anonymous" in s or "SHOUTING" in s or "1984" in s or s == "Too short." for s in sentences)
     assert sentences == sorted(set(sentences))
     de = tmp_path / "de.txt"
@@ -362,7 +363,9 @@ def test_choose_voice_deterministic():
 
 
 def test_missing_espeak_error(monkeypatch):
-    monkeypatch.setattr(synth.shutil, "which", lambda name: None)
+    import shutil as shutil_module
+
+    monkeypatch.setattr(shutil_module, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "espeakng_loader", None)
     with pytest.raises(CondituneError, match="apt-get install espeak-ng.*pip install espeakng-loader"):
         synth.find_espeak()
@@ -402,8 +405,10 @@ def test_synth_small_run(tmp_path):
     (tmp_path / "de.txt").write_text(DE_TEXT, encoding="utf-8")
     texts = {"en": [tmp_path / "en.txt"], "de": [tmp_path / "de.txt"]}
     first = _synth(tmp_path, "a", texts)
-    assert first.synthesized == 18 and not first.failed
-    assert first.counts == {lang: {"train": 3, "dev": 3, "test": 3} for lang in ("en", "de")}
+    speaks_heldout = {lang for lang, n in first.counts.items() if n[synth.HELDOUT_VOICE_SPLIT]}
+    assert first.synthesized == 18 + 3 * len(speaks_heldout) and not first.failed
+    for lang in ("en", "de"):
+        assert {k: v for k, v in first.counts[lang].items() if k in synth.SPLITS} == {"train": 3, "dev": 3, "test": 3}
     split_texts = {}
     for split in synth.SPLITS:
         data = read_manifest(first.manifests[split], strict=True)
@@ -420,7 +425,10 @@ def test_synth_small_run(tmp_path):
         heldout = first.heldout[lang].read_text(encoding="utf-8").splitlines()
         assert len(heldout) == 4 and not set(heldout) & set(all_texts)
     rows = [json.loads(line) for line in first.manifests["train"].read_text().splitlines()]
-    assert all(row["tts"]["engine"] in ("espeak-ng", "flite") and row["duration"] > 0 for row in rows)
+    assert all(row["tts"]["engine"] in first.engines and row["duration"] > 0 for row in rows)
+    summary = json.loads((tmp_path / "a" / "synth_config.json").read_text())
+    for engine in {row["tts"]["engine"] for row in rows}:
+        assert summary["synthesis_speed"]["per_engine"][engine]["seconds_per_utterance"] > 0
     assert json.loads((tmp_path / "a" / "synth_config.json").read_text())["counts"]["de"]["test"] == 3
 
     # same seed, another folder: same texts, same voices, same audio files
@@ -432,7 +440,8 @@ def test_synth_small_run(tmp_path):
 
     # rerun in place: everything reused
     again = _synth(tmp_path, "a", texts)
-    assert again.synthesized == 0 and again.reused == 18
+    assert again.synthesized == 0 and again.reused == first.synthesized
+    assert again.speed["per_engine"] == first.speed["per_engine"]  # the speeds measured when the audio was made
 
 
 @needs_espeak
@@ -461,6 +470,14 @@ def test_synth_from_fortunes_cli(tmp_path):
         "3",
         "--jobs",
         "2",
+        "--source",
+        "en=fortunes",
+        "--source",
+        "de=fortunes-de",
+        "--heldout-voice",
+        "en=espeak-ng:en-gb",
+        "--heldout-voice",
+        "de=none",
         "--no-progress",
     ]
     assert main(args) == 0
@@ -468,5 +485,10 @@ def test_synth_from_fortunes_cli(tmp_path):
     assert len(rows) == 8 and {r["language"] for r in rows} == {"en", "de"}
     heldout = (out / "heldout_text.de.txt").read_text(encoding="utf-8").splitlines()
     assert len(heldout) == 5 and not set(heldout) & {r["text"] for r in rows}
+    held = [json.loads(x) for x in (out / "test_heldout_voice.jsonl").read_text().splitlines()]
+    assert [(r["language"], r["tts"]["id"]) for r in held] == [("en", "espeak-ng:en-gb")]
+    summary = json.loads((out / "synth_config.json").read_text())
+    assert summary["texts"]["en"].keys() == {"fortunes"} and summary["heldout_voices"] == {"en": "espeak-ng:en-gb"}
+    assert main([*args[:-1], "--source", "de=nope", "--no-progress"]) == 1  # an unknown source: one line, exit 1
     assert main(["data", "check", str(out / "train.jsonl"), "--decode"]) == 0
     assert main(["data", "synth", "--output", str(out), "--languages", "fr", "--no-progress"]) == 1

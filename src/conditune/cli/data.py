@@ -20,6 +20,62 @@ def _parse_texts(values: list[str] | None) -> dict[str, list[Path]]:
     return texts
 
 
+def _parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for value in values or []:
+        lang, sep, rest = value.partition("=")
+        if not sep or not lang.strip() or not rest.strip():
+            raise CondituneError(f"{option} expects LANG=VALUE, got '{value}'")
+        pairs[lang.strip()] = rest.strip()
+    return pairs
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _report_synth(result) -> None:
+    typer.echo(
+        f"engines: {', '.join(result.engines)}; synthesised {result.synthesized}, reused {result.reused}, "
+        f"failed {len(result.failed)}",
+        err=True,
+    )
+    for split, path in result.manifests.items():
+        n = sum(counts.get(split, 0) for counts in result.counts.values())
+        typer.echo(f"{split}\t{n}\t{path}")
+    for lang, path in result.heldout.items():
+        typer.echo(f"heldout.{lang}\t{len(path.read_text(encoding='utf-8').splitlines())}\t{path}")
+
+
+def _check_synth_args(
+    output: Path,
+    languages: str,
+    counts: dict[str, int],
+    *,
+    jobs: int,
+    min_words: int,
+    max_words: int,
+    vocab_size: int | None,
+    count_heldout_voice: int | None,
+) -> None:
+    """The synth options checked before anything is loaded, each error naming its option."""
+    from conditune.io import check_writable
+    from conditune.validation import require_int
+
+    for key, value in counts.items():
+        require_int(value, key, minimum=0)
+    require_int(jobs, "--jobs", minimum=1)
+    require_int(min_words, "--min-words", minimum=1)
+    require_int(max_words, "--max-words", minimum=min_words)
+    if vocab_size is not None:
+        require_int(vocab_size, "--vocab-size", minimum=1)
+    if count_heldout_voice is not None:
+        require_int(count_heldout_voice, "--count-heldout-voice", minimum=0)
+    if not any(lang.strip() for lang in languages.split(",")):
+        raise CondituneError(f"--languages {languages!r}: give at least one language code, like en,de")
+    check_writable(output, folder=True)
+
+
 def register(app: typer.Typer) -> None:
     group = typer.Typer(help="Speech data: synthetic sets and manifests.", cls=CommandGroup, no_args_is_help=True)
 
@@ -29,13 +85,30 @@ def register(app: typer.Typer) -> None:
         languages: str = typer.Option("en,de", help="Comma-separated language codes."),
         count_train: int = typer.Option(200, help="Training utterances per language."),
         count_dev: int = typer.Option(20, help="Dev utterances per language."),
-        count_test: int = typer.Option(20, help="Test utterances per language."),
+        count_test: int = typer.Option(100, help="Test utterances per language."),
         heldout_count: int = typer.Option(500, help="Held-out text sentences per language (never spoken)."),
         seed: int = typer.Option(0, help="Seed for the text split and the voices."),
         jobs: int = typer.Option(1, help="Utterances synthesised in parallel."),
-        text: list[str] = typer.Option(None, "--text", help="LANG=PATH text file instead of fortunes (repeatable)."),
+        text: list[str] = typer.Option(
+            None, "--text", help="LANG=PATH text file instead of the text sources (repeatable)."
+        ),
+        source: list[str] = typer.Option(
+            None,
+            "--source",
+            help="LANG=NAME[,NAME] text sources for a language (repeatable): wikipedia-en, fortunes, "
+            "auf-deutsch, fortunes-de, trans-de-en. Default: en=wikipedia-en,fortunes de=auf-deutsch,fortunes-de,trans-de-en.",
+        ),
         engines: str = typer.Option(
-            "auto", help="auto (espeak-ng + flite if installed) or a list: espeak-ng,flite,festival."
+            "auto", help="auto (every installed engine) or a list: espeak-ng,mbrola,pico,festival,flite."
+        ),
+        heldout_voice: list[str] = typer.Option(
+            None,
+            "--heldout-voice",
+            help="LANG=VOICE held out of train/dev/test and speaking test_heldout_voice.jsonl (repeatable; "
+            "VOICE like mbrola:mb-us2, or none). Default: en=mbrola:mb-us2 de=mbrola:mb-de7.",
+        ),
+        count_heldout_voice: int = typer.Option(
+            None, help="Held-out-voice utterances per language (the first N test sentences; default: all of test)."
         ),
         min_words: int = typer.Option(4, help="Shortest sentence in words."),
         max_words: int = typer.Option(20, help="Longest sentence in words."),
@@ -46,34 +119,28 @@ def register(app: typer.Typer) -> None:
         ),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
-        """Synthesise train/dev/test speech from fortunes (or --text) with espeak-ng/flite; resumable."""
-        from conditune.io import check_writable
-        from conditune.validation import require_int
-
-        for key, value in (
-            ("--count-train", count_train),
-            ("--count-dev", count_dev),
-            ("--count-test", count_test),
-            ("--heldout-count", heldout_count),
-            ("--seed", seed),
-        ):
-            require_int(value, key, minimum=0)
-        require_int(jobs, "--jobs", minimum=1)
-        require_int(min_words, "--min-words", minimum=1)
-        require_int(max_words, "--max-words", minimum=min_words)
-        if vocab_size is not None:
-            require_int(vocab_size, "--vocab-size", minimum=1)
-        if not any(lang.strip() for lang in languages.split(",")):
-            raise CondituneError(f"--languages {languages!r}: give at least one language code, like en,de")
-        check_writable(output, folder=True)
-        from conditune.data.synth import SynthConfig, synthesize_dataset
-
-        engine_list = (
-            None if engines.strip() in ("", "auto") else tuple(e.strip() for e in engines.split(",") if e.strip())
+        """Synthesise train/dev/test (and a held-out-voice test) speech from open-vocabulary text; resumable."""
+        _check_synth_args(
+            output,
+            languages,
+            {
+                "--count-train": count_train,
+                "--count-dev": count_dev,
+                "--count-test": count_test,
+                "--heldout-count": heldout_count,
+                "--seed": seed,
+            },
+            jobs=jobs,
+            min_words=min_words,
+            max_words=max_words,
+            vocab_size=vocab_size,
+            count_heldout_voice=count_heldout_voice,
         )
+        from conditune.data.synth import DEFAULT_HELDOUT_VOICES, SynthConfig, synthesize_dataset
+
         config = SynthConfig(
             output=output,
-            languages=tuple(lang.strip() for lang in languages.split(",") if lang.strip()),
+            languages=_split(languages),
             count_train=count_train,
             count_dev=count_dev,
             count_test=count_test,
@@ -81,22 +148,15 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             jobs=jobs,
             texts=_parse_texts(text),
-            engines=engine_list,
+            sources={lang: _split(names) for lang, names in _parse_pairs(source, "--source").items()},
+            engines=None if engines.strip() in ("", "auto") else _split(engines),
+            heldout_voices={**DEFAULT_HELDOUT_VOICES, **_parse_pairs(heldout_voice, "--heldout-voice")},
+            count_heldout_voice=count_heldout_voice,
             min_words=min_words,
             max_words=max_words,
             vocab_size=vocab_size,
         )
-        result = synthesize_dataset(config, progress=progress, log=lambda msg: typer.echo(msg, err=True))
-        typer.echo(
-            f"engines: {', '.join(result.engines)}; synthesised {result.synthesized}, reused {result.reused}, "
-            f"failed {len(result.failed)}",
-            err=True,
-        )
-        for split, path in result.manifests.items():
-            n = sum(counts[split] for counts in result.counts.values())
-            typer.echo(f"{split}\t{n}\t{path}")
-        for lang, path in result.heldout.items():
-            typer.echo(f"heldout.{lang}\t{len(path.read_text(encoding='utf-8').splitlines())}\t{path}")
+        _report_synth(synthesize_dataset(config, progress=progress, log=lambda msg: typer.echo(msg, err=True)))
 
     @group.command("check")
     def check_cmd(

@@ -100,8 +100,13 @@ def _normaliser(english: bool) -> Callable[[str], str]:
 
 
 def normalise(text: str, language: str) -> str:
-    """Whisper's normalisation for ``language``: English normaliser for ``en*``, basic otherwise."""
-    return " ".join(_normaliser(_is_english(language))(text).split())
+    """The text as it is scored: first in spoken form (numbers, abbreviations and symbols written out, as the
+    training transcripts are: :func:`conditune.data.normalize.normalize_transcript`), then Whisper's
+    normalisation for ``language`` (English normaliser for ``en*``, basic otherwise). Both sides of a WER
+    go through it, so "1984" and "nineteen eighty-four" are the same words whichever side wrote which."""
+    from conditune.data.normalize import normalize_transcript
+
+    return " ".join(_normaliser(_is_english(language))(normalize_transcript(text, language)).split())
 
 
 def _empty_counts() -> dict[str, int]:
