@@ -534,3 +534,31 @@ def test_ctc_compressed_training_runs_and_needs_a_ctc_head(assets, tmp_path, rea
     paths = [str(p) for p in assets["paths"][:2]]
     again = transcribe(*load_speech_model(result.final_dir), paths, max_new_tokens=4)
     assert transcribe(model, processor, paths, max_new_tokens=4) == again
+
+
+def test_augmented_copies_train_and_are_cached_on_the_augmented_audio(assets, tmp_path):
+    """data.augment: each utterance gets its copies, encoded once into the feature cache under (file, params);
+    the same seed gives the same copies, another seed others."""
+    cache = tmp_path / "features"
+    augment = {"copies": 2, "probability": 1.0, "effects": ["noise", "gain"]}
+    cfg = _config(assets, tmp_path / "aug", max_steps=3)
+    cfg["data"].update(augment=augment, feature_cache=str(cache))
+    result = train(cfg)
+    assert result.train_utterances == 4 * 3 and result.step == 3
+    files = sorted(p.name for p in cache.rglob("*.safetensors"))
+    assert len(files) == 4 * 3  # 4 originals + 8 augmented copies, each its own entry
+    again = train({**cfg, "output": {**cfg["output"], "dir": str(tmp_path / "aug2")}})
+    assert again.losses == result.losses and sorted(p.name for p in cache.rglob("*.safetensors")) == files
+    other = _config(assets, tmp_path / "aug3", max_steps=3, seed=1)
+    other["data"].update(augment=augment, feature_cache=str(cache))
+    train(other)
+    assert len(list(cache.rglob("*.safetensors"))) == 4 * 3 + 8  # seed 1: other copies
+
+
+def test_augmented_copies_can_take_the_originals_place(assets, tmp_path):
+    cfg = _config(assets, tmp_path / "aug", max_steps=2)
+    cfg["data"]["augment"] = {"copies": 1, "probability": 1.0, "keep_original": False, "effects": ["gain"]}
+    result = train(cfg)
+    assert result.train_utterances == 4  # each utterance once, as its augmented copy
+    records = [json.loads(x) for x in (tmp_path / "aug" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["data_sha"]  # the batches name the copies: path#aug-<params>

@@ -47,33 +47,22 @@ def _report_synth(result) -> None:
         typer.echo(f"heldout.{lang}\t{len(path.read_text(encoding='utf-8').splitlines())}\t{path}")
 
 
-def _check_synth_args(
-    output: Path,
-    languages: str,
-    counts: dict[str, int],
-    *,
-    jobs: int,
-    min_words: int,
-    max_words: int,
-    vocab_size: int | None,
-    count_heldout_voice: int | None,
-) -> None:
-    """The synth options checked before anything is loaded, each error naming its option."""
-    from conditune.io import check_writable
-    from conditune.validation import require_int
+OTHER_SECTIONS = ("model", "data", "optimizer", "training", "evaluation", "output", "demo", "experiment")
 
-    for key, value in counts.items():
-        require_int(value, key, minimum=0)
-    require_int(jobs, "--jobs", minimum=1)
-    require_int(min_words, "--min-words", minimum=1)
-    require_int(max_words, "--max-words", minimum=min_words)
-    if vocab_size is not None:
-        require_int(vocab_size, "--vocab-size", minimum=1)
-    if count_heldout_voice is not None:
-        require_int(count_heldout_voice, "--count-heldout-voice", minimum=0)
-    if not any(lang.strip() for lang in languages.split(",")):
-        raise CondituneError(f"--languages {languages!r}: give at least one language code, like en,de")
-    check_writable(output, folder=True)
+
+def _synth_config(arguments: list[str], options: dict):
+    """[CONFIG.yaml] [synth.key=value ...] and the command's options (which win) into one checked SynthConfig:
+    the ``synth:`` section of a recipe file (the demo's, or one of your own), the other sections left out."""
+    from conditune.cli.demo import split_arguments
+    from conditune.config import load_config, parse_overrides
+    from conditune.data.synth import SynthRecipe
+    from conditune.io import check_writable
+
+    config, overrides = split_arguments(arguments)
+    given = {f"synth.{k}": v for k, v in options.items()}
+    cfg = load_config(SynthRecipe, config, {**parse_overrides(overrides), **given}, ignore_sections=OTHER_SECTIONS)
+    check_writable(cfg.synth.output, folder=True)
+    return cfg.synth
 
 
 def register(app: typer.Typer) -> None:
@@ -81,14 +70,21 @@ def register(app: typer.Typer) -> None:
 
     @group.command("synth")
     def synth_cmd(
-        output: Path = typer.Option(..., "--output", "-o", help="Folder for WAVs, manifests and held-out text."),
-        languages: str = typer.Option("en,de", help="Comma-separated language codes."),
-        count_train: int = typer.Option(200, help="Training utterances per language."),
-        count_dev: int = typer.Option(20, help="Dev utterances per language."),
-        count_test: int = typer.Option(100, help="Test utterances per language."),
-        heldout_count: int = typer.Option(500, help="Held-out text sentences per language (never spoken)."),
-        seed: int = typer.Option(0, help="Seed for the text split and the voices."),
-        jobs: int = typer.Option(1, help="Utterances synthesised in parallel."),
+        arguments: list[str] = typer.Argument(
+            None,
+            metavar="[CONFIG.yaml] [synth.key=value ...]",
+            help="A recipe with a synth: section (e.g. configs/speech_demo.yaml) and overrides.",
+        ),
+        output: Path = typer.Option(
+            ..., "--output", "-o", help="Folder for WAVs, manifests and held-out text [synth.output]."
+        ),
+        languages: str = typer.Option(None, help="Comma-separated language codes [synth.languages] (default en,de)."),
+        count_train: int = typer.Option(None, help="Training utterances per language [synth.count_train] (200)."),
+        count_dev: int = typer.Option(None, help="Dev utterances per language [synth.count_dev] (20)."),
+        count_test: int = typer.Option(None, help="Test utterances per language [synth.count_test] (100)."),
+        heldout_count: int = typer.Option(None, help="Held-out text sentences per language, never spoken (500)."),
+        seed: int = typer.Option(None, help="Seed for the text split and the voices [synth.seed] (0)."),
+        jobs: int = typer.Option(None, help="Utterances synthesised in parallel [synth.jobs] (1)."),
         text: list[str] = typer.Option(
             None, "--text", help="LANG=PATH text file instead of the text sources (repeatable)."
         ),
@@ -99,63 +95,38 @@ def register(app: typer.Typer) -> None:
             "auf-deutsch, fortunes-de, trans-de-en. Default: en=wikipedia-en,fortunes de=auf-deutsch,fortunes-de,trans-de-en.",
         ),
         engines: str = typer.Option(
-            "auto", help="auto (every installed engine) or a list: espeak-ng,mbrola,pico,festival,flite."
+            None, help="auto (every installed engine) or a list: espeak-ng,mbrola,pico,festival,flite."
         ),
         heldout_voice: list[str] = typer.Option(
             None,
             "--heldout-voice",
-            help="LANG=VOICE held out of train/dev/test and speaking test_heldout_voice.jsonl (repeatable; "
-            "VOICE like mbrola:mb-us2, or none). Default: en=mbrola:mb-us2 de=mbrola:mb-de7.",
+            help="LANG=VOICE held out of train/dev/test and speaking test_heldout_voice.jsonl "
+            "(repeatable; VOICE like mbrola:mb-us2, or none). Default: en=mbrola:mb-us2 de=mbrola:mb-de7.",
         ),
         count_heldout_voice: int = typer.Option(
-            None, help="Held-out-voice utterances per language (the first N test sentences; default: all of test)."
+            None, help="Held-out-voice utterances per language (default: all of test)."
         ),
-        min_words: int = typer.Option(4, help="Shortest sentence in words."),
-        max_words: int = typer.Option(20, help="Longest sentence in words."),
-        vocab_size: int = typer.Option(
-            None,
-            help="Speak only sentences made of the N most frequent words "
-            "(a limited-vocabulary set a small CPU budget can learn).",
-        ),
+        min_words: int = typer.Option(None, help="Shortest sentence in words (4)."),
+        max_words: int = typer.Option(None, help="Longest sentence in words (20)."),
+        vocab_size: int = typer.Option(None, help="Speak only sentences made of the N most frequent words."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Synthesise train/dev/test (and a held-out-voice test) speech from open-vocabulary text; resumable."""
-        _check_synth_args(
-            output,
-            languages,
-            {
-                "--count-train": count_train,
-                "--count-dev": count_dev,
-                "--count-test": count_test,
-                "--heldout-count": heldout_count,
-                "--seed": seed,
-            },
-            jobs=jobs,
-            min_words=min_words,
-            max_words=max_words,
-            vocab_size=vocab_size,
-            count_heldout_voice=count_heldout_voice,
-        )
-        from conditune.data.synth import DEFAULT_HELDOUT_VOICES, SynthConfig, synthesize_dataset
+        from conditune.data.synth import DEFAULT_HELDOUT_VOICES, synthesize_dataset
 
-        config = SynthConfig(
-            output=output,
-            languages=_split(languages),
-            count_train=count_train,
-            count_dev=count_dev,
-            count_test=count_test,
-            heldout_count=heldout_count,
-            seed=seed,
-            jobs=jobs,
-            texts=_parse_texts(text),
-            sources={lang: _split(names) for lang, names in _parse_pairs(source, "--source").items()},
-            engines=None if engines.strip() in ("", "auto") else _split(engines),
-            heldout_voices={**DEFAULT_HELDOUT_VOICES, **_parse_pairs(heldout_voice, "--heldout-voice")},
-            count_heldout_voice=count_heldout_voice,
-            min_words=min_words,
-            max_words=max_words,
-            vocab_size=vocab_size,
-        )
+        options = {
+            "output": str(output), "count_train": count_train, "count_dev": count_dev, "count_test": count_test,
+            "heldout_count": heldout_count, "seed": seed, "jobs": jobs, "count_heldout_voice": count_heldout_voice,
+            "min_words": min_words, "max_words": max_words, "vocab_size": vocab_size,
+            "languages": list(_split(languages)) if languages is not None else None,
+            "texts": {k: [str(p) for p in v] for k, v in _parse_texts(text).items()} or None,
+            "sources": {lang: list(_split(names)) for lang, names in _parse_pairs(source, "--source").items()} or None,
+            "heldout_voices": {**DEFAULT_HELDOUT_VOICES, **_parse_pairs(heldout_voice, "--heldout-voice")} if heldout_voice else None,
+        }  # fmt: skip
+        options = {k: v for k, v in options.items() if v is not None}  # what the user gave
+        if engines is not None:  # "auto" is an explicit None: every installed engine
+            options["engines"] = None if engines.strip() in ("", "auto") else list(_split(engines))
+        config = _synth_config(arguments or [], options)
         _report_synth(synthesize_dataset(config, progress=progress, log=lambda msg: typer.echo(msg, err=True)))
 
     @group.command("check")

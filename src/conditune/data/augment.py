@@ -46,6 +46,7 @@ MU = 255
 class AugmentConfig:
     probability: float = 0.8  # chance that an augmented copy is augmented at all (else it is a clean copy)
     copies: int = 1  # augmented copies per training utterance, besides the original
+    keep_original: bool = True  # False: an utterance's first copy takes its place (no extra cost per utterance)
     effects: tuple[str, ...] = EFFECTS  # which effects are on
     speed_probability: float = 0.5
     speed_range: tuple[float, float] = (0.9, 1.1)
@@ -271,3 +272,41 @@ def apply_augmentation(wave: np.ndarray, params: AugmentParams | None, *, sample
         out = telephone(out, sample_rate=sample_rate, use_mulaw=params.mulaw)
     out = apply_gain(out, params.gain_db or 0.0)
     return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmented copies as audio sources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentedAudio:
+    """An augmented copy of an audio file: what the feature cache encodes (once) and keys on (file, params)."""
+
+    path: str
+    params: AugmentParams
+
+    def __str__(self) -> str:  # names the copy in logs, predictions and the data hash
+        return f"{self.path}#aug-{self.params.fingerprint()}"
+
+    def cache_key(self, file_fingerprint: str) -> str:
+        return hashlib.sha256(f"{file_fingerprint}\x1f{self.params.fingerprint()}".encode()).hexdigest()
+
+    def load(self, *, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
+        from conditune.data.audio import load_audio
+
+        wave = load_audio(self.path, sample_rate=sample_rate, max_seconds=max_seconds)
+        out = apply_augmentation(wave, self.params, sample_rate=sample_rate)
+        if max_seconds is not None:  # slowed down past the window: the window's worth, like any long file
+            out = out[: int(max_seconds * sample_rate)]
+        return out
+
+
+def augmented_copies(utterance_id: str, path: str, config: AugmentConfig, *, seed: int) -> list[AugmentedAudio | str]:
+    """The training copies of one utterance besides the original: augmented ones, or the clean file where a
+    copy's draw is clean."""
+    copies: list[AugmentedAudio | str] = []
+    for key in copy_keys(utterance_id, config.copies):
+        params = draw_augmentation(config, seed=seed, key=key)
+        copies.append(AugmentedAudio(str(path), params) if params is not None else str(path))
+    return copies

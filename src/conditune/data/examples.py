@@ -14,7 +14,7 @@ from pathlib import Path
 
 @dataclass
 class Example:
-    audio: Path
+    audio: Path  # or an augmented copy of one (conditune.data.augment.AugmentedAudio)
     text: str
     language: str
     tokens: list[int]
@@ -93,6 +93,52 @@ def prepare_examples(
         examples.append(Example(Path(utt.audio), utt.text, language, tokens, lengths[i], getattr(utt, "id", "")))
     skipped = {"bad_audio": len(bad), "audio_too_long": len(long_audio), "text_too_long": too_long}
     return PreparedExamples(examples, skipped)
+
+
+ENCODER_FRAME_SECONDS = 0.02  # Whisper's encoder: 50 frames per second
+
+
+def augment_examples(
+    examples: Sequence[Example],
+    processor,
+    config,
+    *,
+    seed: int,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> PreparedExamples:
+    """The training examples with their augmented copies (``data.augment``: :mod:`conditune.data.augment`): the
+    originals first (unless ``keep_original`` is false: then each one's first copy takes its place), then the
+    other copies. Each copy is encoded once into the feature cache, which keys it on (audio file, augmentation
+    parameters); a pure function of the seed. A copy slowed down past the encoder's window is skipped and
+    counted (its original stays), like any audio too long."""
+    from conditune.data.augment import augmented_copies
+
+    window = processor.encoder.config.max_seconds
+    sources, owners, too_long = [], [], 0
+    for n, example in enumerate(examples):
+        for k, copy in enumerate(
+            augmented_copies(example.id or str(example.audio), str(example.audio), config, seed=seed)
+        ):
+            speed = getattr(getattr(copy, "params", None), "speed", None) or 1.0
+            if example.frames * ENCODER_FRAME_SECONDS / speed > window:
+                too_long += 1
+                continue
+            sources.append(copy if hasattr(copy, "load") else Path(copy))
+            owners.append((n, k))
+    lengths, bad = processor.cache.prepare(sources, batch_size=batch_size, progress=progress)
+    first, rest = {}, []
+    for i, (source, (n, k)) in enumerate(zip(sources, owners)):
+        if i not in lengths:
+            continue
+        owner = examples[n]
+        copy = Example(source, owner.text, owner.language, owner.tokens, lengths[i], f"{owner.id}#aug{k}")
+        if k == 0 and not config.keep_original:
+            first[n] = copy
+        else:
+            rest.append(copy)
+    kept = [first.get(n, example) for n, example in enumerate(examples)]
+    return PreparedExamples(kept + rest, {"augment_bad_audio": len(bad), "augment_too_long": too_long})
 
 
 def _longer_than(utterances: Sequence, seconds: float) -> set[int]:

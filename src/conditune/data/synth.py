@@ -261,18 +261,20 @@ def _file_hash(text: str, voice: Mapping[str, Any], sample_rate: int) -> str:
 
 @dataclass
 class SynthConfig:
-    output: Path
-    languages: tuple[str, ...] = ("en", "de")
+    """The ``synth:`` section of a recipe and the options of ``conditune data synth`` (one field each)."""
+
+    output: str = "data/speech"
+    languages: list[str] = field(default_factory=lambda: ["en", "de"])
     count_train: int = 200
     count_dev: int = 20
     count_test: int = 100
     heldout_count: int = 500
     seed: int = 0
     jobs: int = 1
-    texts: dict[str, list[Path]] = field(default_factory=dict)  # language -> text files (replace the sources)
-    sources: dict[str, tuple[str, ...]] = field(default_factory=dict)  # language -> text sources; else DEFAULT_SOURCES
-    heldout_text_sources: dict[str, tuple[str, ...]] | None = None  # None: HELDOUT_TEXT_SOURCES
-    engines: tuple[str, ...] | None = None  # None: every installed engine
+    texts: dict[str, list[str]] = field(default_factory=dict)  # language -> text files (replace the sources)
+    sources: dict[str, list[str]] = field(default_factory=dict)  # language -> text sources; else DEFAULT_SOURCES
+    heldout_text_sources: dict[str, list[str]] | None = None  # None: HELDOUT_TEXT_SOURCES
+    engines: list[str] | None = None  # None: every installed engine
     heldout_voices: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_HELDOUT_VOICES))  # "" : none
     count_heldout_voice: int | None = None  # None: count_test (the first N test sentences, spoken again)
     min_words: int = 4
@@ -280,6 +282,32 @@ class SynthConfig:
     max_chars: int = 160
     vocab_size: int | None = None  # limited-vocabulary set: only sentences of the N most frequent words
     sample_rate: int = SAMPLE_RATE
+
+    def validate(self) -> None:
+        """Every value in range, each error naming its ``conditune data synth`` option."""
+        from conditune.validation import require_int
+
+        for key in ("count_train", "count_dev", "count_test", "heldout_count", "seed"):
+            require_int(getattr(self, key), f"--{key.replace('_', '-')}", minimum=0)
+        require_int(self.jobs, "--jobs", minimum=1)
+        require_int(self.min_words, "--min-words", minimum=1)
+        require_int(self.max_words, "--max-words", minimum=self.min_words)
+        if self.vocab_size is not None:
+            require_int(self.vocab_size, "--vocab-size", minimum=1)
+        if self.count_heldout_voice is not None:
+            require_int(self.count_heldout_voice, "--count-heldout-voice", minimum=0)
+        if not any(lang.strip() for lang in self.languages):
+            raise CondituneError("--languages: give at least one language code, like en,de")
+
+
+@dataclass
+class SynthRecipe:
+    """A recipe file's ``synth:`` section (what ``conditune data synth CONFIG.yaml`` reads)."""
+
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def validate(self) -> None:
+        self.synth.validate()
 
 
 @dataclass

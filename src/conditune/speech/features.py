@@ -45,16 +45,25 @@ class FeatureCache:
         self.memory: dict[str, torch.Tensor] | None = {} if memory else None
         self._fingerprints: dict[str, str] = {}
         # only what the encoder reads is decoded (an hour-long file costs its first max_seconds, not its length)
-        limit = getattr(getattr(encoder, "config", None), "max_seconds", None)
-        self._load_audio = load_audio or (lambda path: _load_audio(path, max_seconds=limit))
+        self._max_seconds = getattr(getattr(encoder, "config", None), "max_seconds", None)
+        self._load_audio = load_audio or (lambda path: _load_audio(path, max_seconds=self._max_seconds))
         self.hits = 0
         self.misses = 0
 
-    def fingerprint(self, path: str | Path) -> str:
-        key = str(path)
+    def fingerprint(self, item) -> str:
+        """The cache key of an audio file (sha256 of its bytes) or of an augmented copy of one (file + params)."""
+        key = str(item)
         if key not in self._fingerprints:
-            self._fingerprints[key] = _fingerprint(path)
+            if hasattr(item, "cache_key"):  # conditune.data.augment.AugmentedAudio
+                self._fingerprints[key] = item.cache_key(self.fingerprint(item.path))
+            else:
+                self._fingerprints[key] = _fingerprint(item)
         return self._fingerprints[key]
+
+    def _load(self, item):
+        if hasattr(item, "load"):
+            return item.load(max_seconds=self._max_seconds)
+        return self._load_audio(item)
 
     def _file(self, fp: str) -> Path:
         assert self.root is not None
@@ -94,7 +103,7 @@ class FeatureCache:
         self.hits += len(paths) - len(missing)
         self.misses += len(missing)
         if missing:
-            waves = [self._load_audio(paths[i]) for i in missing]
+            waves = [self._load(paths[i]) for i in missing]
             frames, lengths = self.encoder.encode(waves)
             for row, i in enumerate(missing):
                 item = frames[row, : int(lengths[row])].clone()
@@ -158,7 +167,7 @@ class FeatureCache:
                     if progress:
                         progress(1)
                     continue
-                pending.append((i, self._load_audio(path)))
+                pending.append((i, self._load(path)))
             except CondituneError as exc:  # AudioError and friends
                 if strict:
                     raise

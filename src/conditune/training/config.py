@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from conditune.config import load_config, to_dict, to_yaml
+from conditune.data.augment import AugmentConfig
 from conditune.errors import CondituneError
 from conditune.speech.configuration import SpeechLLMConfig
 from conditune.validation import require_choice, require_range
@@ -41,6 +42,8 @@ class DataConfig:
     memory_cache: bool = True  # also keep encoder outputs in RAM
     encode_batch: int = 16
     max_text_tokens: int = 256  # longer transcripts are skipped (counted)
+    # augmented copies of every training utterance besides the original (null: none), drawn from training.seed
+    augment: AugmentConfig | None = None
 
     def manifests(self, split: str) -> list[str]:
         value = getattr(self, split)

@@ -107,13 +107,16 @@ class Trainer:
         *,
         log: Callable[[str], None] | None = None,
         eval_hook: Callable[[int, Any, Any], dict[str, Any] | None] | None = None,
+        llm=None,
     ):
+        """``llm``: an already loaded copy of ``model.llm`` to train (it is changed), instead of loading it."""
         if not isinstance(config, TrainConfig):
             config = load_train_config(config)
         config.validate()
         self.config = config
         self.log = log or (lambda msg: None)
         self.eval_hook = eval_hook
+        self.preloaded_llm = llm
         self.out = Path(config.output.dir)
         self.state = TrainerState()
         self.losses: dict[int, float] = {}
@@ -177,8 +180,10 @@ class Trainer:
         cache_dir = cfg.data.feature_cache or (conditune_home() / "features")
         self.processor = SpeechProcessor.from_config(cfg.model, cache_dir=cache_dir, memory_cache=cfg.data.memory_cache)
         self.model = SpeechLLM.build(
-            cfg.model, encoder_dim=self.processor.encoder.dim, tokenizer=self.processor.tokenizer, for_training=True
-        )
+            cfg.model, encoder_dim=self.processor.encoder.dim, tokenizer=self.processor.tokenizer, for_training=True,
+            llm=self.preloaded_llm,
+        )  # fmt: skip
+        self.preloaded_llm = None
         if cfg.training.device not in (None, "cpu"):
             self.model.to(cfg.training.device)
 
@@ -200,6 +205,8 @@ class Trainer:
         self.skipped = {"train_rows": train_rows, "dev_rows": dev_rows}
         self.skipped.update({f"train_{k}": v for k, v in train.skipped.items()})
         self.skipped.update({f"dev_{k}": v for k, v in dev.skipped.items()})
+        if d.augment is not None and self.train_examples:
+            self.train_examples = self.augmented(self.train_examples)
         if any(self.skipped.values()):
             self.log("skipped: " + ", ".join(f"{k}={v}" for k, v in self.skipped.items() if v))
         if not self.train_examples:
@@ -211,6 +218,18 @@ class Trainer:
             self.model.set_ctc_vocabulary([tok for x in self.train_examples for tok in x.tokens])
         else:  # no CTC loss in this run: its head gets no gradient, so it is no optimizer (or DDP) parameter
             self.model.ctc_head.requires_grad_(False)
+
+    def augmented(self, examples: list) -> list:
+        """The training examples with ``data.augment``'s copies (encoded once, cached on the augmented audio)."""
+        from conditune.data.examples import augment_examples
+
+        d = self.config.data
+        self.log(f"augmenting {len(examples)} training utterances ({d.augment.copies} copies each, cached)")
+        with ProgressBar(self.config.output.progress, "augment", len(examples) * d.augment.copies) as bar:
+            copies = augment_examples(examples, self.processor, d.augment, seed=self.config.training.seed,
+                                      batch_size=d.encode_batch, progress=bar.callback)  # fmt: skip
+        self.skipped.update(copies.skipped)
+        return copies.examples
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         from conditune.data.batching import length_bucketed_batches
@@ -504,6 +523,7 @@ def train(
     stop_after_steps: int | None = None,
     log: Callable[[str], None] | None = None,
     eval_hook: Callable[[int, Any, Any], dict[str, Any] | None] | None = None,
+    llm=None,
 ) -> TrainResult:
     """Train (or resume training) a speech LLM as ``config`` says; see the module docstring.
 
@@ -513,7 +533,7 @@ def train(
     """
     from conditune.io import cleaned_up_on_failure
 
-    trainer = Trainer(config, log=log, eval_hook=eval_hook)
+    trainer = Trainer(config, log=log, eval_hook=eval_hook, llm=llm)
     with cleaned_up_on_failure(trainer.out):
         trainer.setup(resume=resume)
         return trainer.fit(stop_after_steps=stop_after_steps)
