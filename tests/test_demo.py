@@ -79,22 +79,11 @@ def test_verify_not_installed(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- pieces
 
 
-def test_plan_sizes_follow_budget():
-    from conditune.recipes.demo import DemoSettings, eval_reserve, plan_sizes
-
-    full = plan_sizes(30 * 60, DemoSettings())
-    assert (full.train, full.dev, full.test) == (600, 8, 30)
-    small = plan_sizes(3 * 60, DemoSettings())
-    assert 4 <= small.train < full.train and small.test >= 2
-    fixed = plan_sizes(60, DemoSettings(train_per_language=6, dev_per_language=2, test_per_language=3))
-    assert (fixed.train, fixed.dev, fixed.test) == (6, 2, 3)
-    assert eval_reserve(full, DemoSettings()) < 0.25 * 30 * 60
-
-
-def test_data_stage_cached_by_settings(tmp_path):
+def test_synthesis_reuses_what_is_there_and_grows_the_training_set(tmp_path):
+    """The calibration's utterances are the final set's first ones: a bigger set only adds utterances."""
     pytest.importorskip("soundfile")
     from conditune.data.synth import available_engines
-    from conditune.recipes.demo import Console, Sizes, stage_data
+    from conditune.recipes.demo import Console, load_demo_config, synthesize
 
     try:
         available_engines(None)
@@ -102,15 +91,21 @@ def test_data_stage_cached_by_settings(tmp_path):
         pytest.skip(str(exc))
     if not Path("/usr/share/games/fortunes/de").is_dir():
         pytest.skip("fortunes-de not installed")
+    cfg = load_demo_config(None, {"demo.dev_per_language": 1, "demo.test_per_language": 1, "demo.heldout": 5,
+                                  "demo.progress": False, "synth.sources": {"en": ["fortunes"], "de": ["fortunes-de"]}})  # fmt: skip
     con = Console(False, 0.0, 60.0)
-    sizes = Sizes(train=2, dev=1, test=1, heldout=5)
-    files, cached = stage_data(con, tmp_path / "speech", sizes, progress=False)
-    assert not cached and all(f.is_file() for f in files.values())
+    files, made = synthesize(con, cfg, tmp_path / "speech", 2)
+    assert made == 2 * (2 + 1 + 1) + 2 and all(f.is_file() for f in files.values())  # + the held-out voice
     assert len(files["heldout_en"].read_text().splitlines()) == 5
-    files2, cached2 = stage_data(con, tmp_path / "speech", sizes, progress=False)
-    assert cached2 and files2 == files
-    _, cached3 = stage_data(con, tmp_path / "speech", Sizes(train=3, dev=1, test=1, heldout=5), progress=False)
-    assert not cached3  # other settings: synthesised again (reusing the audio that is already there)
+
+    def english(path):
+        return [line for line in path.read_text().splitlines() if '"language": "en"' in line]
+
+    first = english(files["train"])
+    again, made_again = synthesize(con, cfg, tmp_path / "speech", 2)
+    assert made_again == 0 and again == files
+    _, grown = synthesize(con, cfg, tmp_path / "speech", 3)
+    assert grown == 2 and english(files["train"])[: len(first)] == first
 
 
 def test_report_and_plots(tmp_path):
@@ -143,23 +138,37 @@ def test_report_and_plots(tmp_path):
     plot_selection(records, selection, tmp_path / "kappa.png")
     for png in ("training.png", "kappa.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    ci = {"en": {"value": 10.0, "low": 5.0, "high": 15.0}, "de": {"value": math.nan, "low": math.nan, "high": math.nan},
+          "all": {"value": 12.5, "low": 8.0, "high": 17.0}}  # fmt: skip
+    preds = [
+        {"set": "test", "language": "en", "reference": "a | b", "hypothesis": ""},
+        {"set": "test", "language": "de", "reference": "c", "hypothesis": "c"},
+    ]
+    ev = {"sets": {"test": {"ci": ci, "utterances": 2, "predictions": preds, "voices": ["pico:en-US"],
+                            "whisper": {"ci": ci}}}}  # fmt: skip
     metrics = {
-        "wer": {"en": 10.0, "de": math.nan, "all": 12.5},
-        "forgetting": {"perplexity_base": 10.0, "perplexity_adapted": 11.0, "kl_to_base": 0.01},
+        "forgetting": {"perplexity_base": 10.0, "perplexity_adapted": 11.0, "kl_to_base": 0.01, "texts": 3},
         "trainable": {"tensors": 2, "parameters": 32},
+        "train": {"train_utterances": 8},
         "steps": 5,
         "seconds": 9.0,
         "budget_seconds": 60.0,
         "setup_seconds": 1.0,
         "timings": {"train": 3.0},
+        "speeds": {"main_step_s": 1.2},
+        "plan": {
+            "train_per_language": 4,
+            "align_steps": 3,
+            "main_steps": 5,
+            "train_seconds": 30.0,
+            "setup_seconds": 2.0,
+            "reserve_seconds": 10.0,
+        },
     }
-    preds = [
-        {"language": "en", "reference": "a | b", "hypothesis": ""},
-        {"language": "de", "reference": "c", "hypothesis": "c"},
-    ]
-    write_report(tmp_path / "report.md", metrics, preds, {"cpu": "x", "cores": 2}, None)
+    write_report(tmp_path / "report.md", metrics, ev, {"cpu": "x", "cores": 2})
     text = (tmp_path / "report.md").read_text()
-    assert "12.5 %" in text and "a \\| b" in text and "∅" in text and "nan" in text
+    assert "12.5 [8.0, 17.0]" in text and "a \\| b" in text and "∅" in text and "Whisper base" in text
+    assert "main_step 1.2" in text and "3 alignment + 5 main steps" in text
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -222,8 +231,10 @@ def test_demo_end_to_end_real_models(tmp_path, monkeypatch):
     from conditune.selection import read_names
 
     assert len(read_names(out / "selected_names.txt")) == 100
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
-    assert "| en |" in (out / "report.md").read_text()
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4 + 4  # test + held-out voice
+    report = (out / "report.md").read_text()
+    assert "| en |" in report and "held-out voice" in report and "Whisper base's own decoder" in report
+    assert metrics["heldout_voice"]["utterances"] == 4 and set(metrics["wer_ci"]) >= {"en", "de", "all"}
 
 
 @pytest.mark.parametrize("minutes", ["0", "2"])

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
             hidden=True,
             help="embeddings: CTC-compressed token-embedding readout; adaptor: the paper's.",
         ),
-        vocab_size: int = typer.Option(None, "--vocab-size", hidden=True, help="[demo.vocab_size] (0: any sentence)."),
+        vocab_size: int = typer.Option(None, "--vocab-size", hidden=True, help="[synth.vocab_size] (0: any sentence)."),
         speech_dir: Path = typer.Option(None, "--speech-dir", hidden=True, help="[demo.speech_dir]"),
     ) -> None:
         """Fetch the demo models, synthesise speech, select the lowest-kappa tensors, train, measure WER and forgetting."""
@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         }  # fmt: skip
         options = {key: str(v) if isinstance(v, Path) else v for key, v in given.items() if v is not None}
         if vocab_size is not None:
-            options["demo.vocab_size"] = vocab_size or None  # 0: any sentence
+            options["synth.vocab_size"] = vocab_size or None  # 0: any sentence
         if quiet:
             options["demo.progress"] = False
         options.update(READOUTS.get(readout, {}))

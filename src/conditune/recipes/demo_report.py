@@ -1,4 +1,5 @@
-"""The demo's ``report.md``: what was trained, the results, timings, example transcriptions, the machine."""
+"""The demo's ``report.md``: what was trained, on what, the results with their intervals, speeds and the plan,
+example transcriptions, the machine."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ READOUT_NOTE = {
     "embeddings": ", the LLM reading one position per CTC-labelled token (the CTC posterior times its own "
     "token embeddings)"
 }
+SET_NAMES = {"test": "test set", "test_heldout_voice": "held-out voice"}
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -22,6 +24,12 @@ def _fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
+def _ci(ci: dict | None) -> str:
+    if not ci or not isinstance(ci.get("value"), (int, float)) or not math.isfinite(ci["value"]):
+        return "–"
+    return f"{ci['value']:.1f} [{ci['low']:.1f}, {ci['high']:.1f}]"
+
+
 def _cell(text: str, width: int = 140) -> str:
     text = " ".join((text or "").split())
     if len(text) > width:
@@ -29,45 +37,55 @@ def _cell(text: str, width: int = 140) -> str:
     return text.replace("|", "\\|") or "∅"
 
 
-def _examples(predictions: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    out = []
-    for lang in ("en", "de"):
-        out += [p for p in predictions if p["language"] == lang][: n // 2]
-    return out
-
-
-def _result_rows(metrics: dict[str, Any], agreement: dict[str, Any] | None) -> list[str]:
-    w, f, fd = metrics["wer"], metrics["forgetting"], metrics.get("forgetting_de", {})
-    rows = [
-        f"| test WER, English | {_fmt(w['en'], 1)} % |",
-        f"| test WER, German | {_fmt(w['de'], 1)} % |",
-        f"| test WER, all | {_fmt(w['all'], 1)} % |",
-        f"| held-out English perplexity, base → adapted | {_fmt(f['perplexity_base'])} → "
-        f"{_fmt(f['perplexity_adapted'])} |",
-        f"| KL(base ‖ adapted), English, nats/token | {_fmt(f['kl_to_base'], 4)} |",
-    ]
-    if fd:
-        rows += [
-            f"| held-out German perplexity, base → adapted | {_fmt(fd['perplexity_base'])} → "
-            f"{_fmt(fd['perplexity_adapted'])} |",
-            f"| KL(base ‖ adapted), German, nats/token | {_fmt(fd['kl_to_base'], 4)} |",
-        ]
-    if agreement:
-        rows.append(
-            f"| greedy agreement with the base on {agreement['prompts']} instructions | "
-            f"{100 * agreement['agreement']:.1f} % of tokens, {100 * agreement['exact']:.0f} % identical |"
+def _wer_rows(ev: dict[str, Any]) -> list[str]:
+    rows = ["| audio | model | English | German | all | utterances |", "|---|---|---|---|---|---|"]
+    for name, s in ev["sets"].items():
+        label = SET_NAMES.get(name, name) + (
+            f" ({', '.join(s['voices'])})" if name != "test" and s.get("voices") else ""
         )
+        rows.append(f"| {label} | this speech LLM | {_ci(s['ci'].get('en'))} | {_ci(s['ci'].get('de'))} | "
+                    f"{_ci(s['ci'].get('all'))} | {s['utterances']} |")  # fmt: skip
+        if s.get("whisper"):
+            w = s["whisper"]["ci"]
+            rows.append(f"| {label} | Whisper base's own decoder (reference) | {_ci(w.get('en'))} | {_ci(w.get('de'))} | "
+                        f"{_ci(w.get('all'))} | {s['utterances']} |")  # fmt: skip
     return rows
 
 
-def write_report(
-    path: Path,
-    metrics: dict[str, Any],
-    predictions: list[dict[str, Any]],
-    machine: dict[str, Any],
-    agreement: dict[str, Any] | None,
-) -> None:
-    tr = metrics["trainable"]
+def _forgetting_rows(metrics: dict[str, Any]) -> list[str]:
+    rows = [
+        "| language | perplexity base → adapted | KL(base ‖ adapted), nats/token | sentences |",
+        "|---|---|---|---|",
+    ]
+    for lang, key in (("English", "forgetting"), ("German", "forgetting_de")):
+        f = metrics.get(key) or {}
+        if f:
+            rows.append(f"| {lang} | {_fmt(f['perplexity_base'])} → {_fmt(f['perplexity_adapted'])} | "
+                        f"{_fmt(f['kl_to_base'], 4)} | {f['texts']} |")  # fmt: skip
+    a = metrics.get("agreement")
+    if a:
+        rows += ["", f"Greedy agreement with the base on {a['prompts']} instructions: {100 * a['agreement']:.1f} % of "
+                     f"tokens, {100 * a['exact']:.0f} % identical answers."]  # fmt: skip
+    return rows
+
+
+def _plan_lines(metrics: dict[str, Any]) -> list[str]:
+    speeds, plan = metrics.get("speeds"), metrics.get("plan")
+    if not speeds or not plan:
+        return ["Sizes and steps were fixed by the command (no plan)."]
+    return [
+        "Measured in this run (seconds): "
+        + ", ".join(f"{k.removesuffix('_s')} {v:.3g}" for k, v in speeds.items())
+        + ".",
+        "",
+        f"Plan: {plan['train_per_language']} training utterances per language, {plan['align_steps']} alignment + "
+        f"{plan['main_steps']} main steps (training limit {plan['train_seconds']:.0f} s), data set-up "
+        f"{plan['setup_seconds']:.0f} s, evaluation {plan['reserve_seconds']:.0f} s.",
+    ]
+
+
+def write_report(path: Path, metrics: dict[str, Any], ev: dict[str, Any], machine: dict[str, Any]) -> None:
+    tr, t = metrics["trainable"], metrics["train"]
     align = metrics.get("align_steps")
     lines = [
         "# conditune demo report",
@@ -76,46 +94,54 @@ def write_report(
         f"the {tr['tensors']} lowest-κ LLM tensors ({tr['parameters']:,} LLM parameters + "
         f"{metrics.get('trainable_adaptor_parameters', 0):,} adaptor parameters) for {metrics['steps']} steps"
         f"{' after ' + str(align) + ' CTC alignment steps of the adaptor' if align else ''}"
-        f"{READOUT_NOTE.get(metrics.get('readout'), '')}; "
+        f"{READOUT_NOTE.get(metrics.get('readout'), '')}, on {t['train_utterances']} training utterances; "
         f"{metrics['seconds']:.0f} s in all (budget {metrics['budget_seconds']:.0f} s).",
         "",
-        "## Results",
+        "## Word error rate, % [95 % bootstrap interval]",
         "",
-        "| metric | value |",
-        "|---|---|",
-        *_result_rows(metrics, agreement),
+        *_wer_rows(ev),
         "",
-        "WER: percent, Whisper-normalised text, test split (synthetic speech, sentences never trained on). "
-        "Perplexity and KL: the LLM alone on held-out sentences that are in no transcript.",
+        "Synthetic open-vocabulary speech, sentences never trained on; Whisper-normalised text in spoken form. The "
+        "held-out voice speaks the test sentences and no training utterance.",
         "",
-        "## Timings",
+        "## Forgetting: the LLM alone on general text that was never spoken",
+        "",
+        *_forgetting_rows(metrics),
+        "",
+        "## Budget",
+        "",
+        *_plan_lines(metrics),
         "",
         "| stage | seconds |",
         "|---|---|",
-        *[f"| {k} | {v:.1f} |" for k, v in metrics["timings"].items()],
+        *[f"| {k} | {v:.1f} |" for k, v in metrics["timings"].items() if isinstance(v, (int, float))],
         "",
-        f"Set-up before training: {metrics['setup_seconds']:.1f} s "
-        f"({'cached data, features and scan' if metrics.get('setup_cached') else 'first run'}).",
+        f"Set-up before training: {metrics['setup_seconds']:.1f} s"
+        f"{' (data, features and scan cached)' if metrics.get('setup_cached') else ''}.",
         "",
         "## Example transcriptions",
         "",
-        "| lang | reference | transcription |",
-        "|---|---|---|",
+        "| set | lang | reference | transcription |",
+        "|---|---|---|---|",
         *[
-            f"| {p['language']} | {_cell(p['reference'])} | {_cell(p['hypothesis'])} |"
-            for p in _examples(predictions, 6)
+            f"| {p['set']} | {p['language']} | {_cell(p['reference'])} | {_cell(p['hypothesis'])} |"
+            for p in _examples(ev, 3)
         ],
-    ]
-    if agreement and agreement.get("samples"):
-        lines += ["", "## Instruction following, base vs adapted (greedy, 24 tokens)", ""]
-        lines += ["| prompt | base | adapted |", "|---|---|---|"]
-        for s in agreement["samples"][:4]:
-            lines.append(f"| {_cell(s['prompt'])} | {_cell(s['base'])} | {_cell(s['adapted'])} |")
-    lines += ["", "## Machine", "", *[f"- {k}: {v}" for k, v in machine.items() if v is not None]]
-    lines += [
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in machine.items() if v is not None],
         "",
         "Plots: `training.png` (training loss and dev WER over steps), `kappa_selected.png` (κ of the selected "
-        "vs frozen tensors). Numbers: `metrics.json`; all test transcriptions: `predictions.jsonl`.",
+        "vs frozen tensors). Numbers: `metrics.json`; every transcription: `predictions.jsonl`.",
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
+
+
+def _examples(ev: dict[str, Any], per_language: int) -> list[dict[str, Any]]:
+    out = []
+    for s in ev["sets"].values():
+        for lang in ("en", "de"):
+            out += [p for p in s["predictions"] if p["language"] == lang][:per_language]
+    return out
