@@ -56,11 +56,12 @@ def probe(
     eval_every: int,
     seed: int,
 ) -> dict:
-    model.set_ctc_vocabulary(None)  # the fresh state's (empty) vocabulary buffer, then this data set's
+    model.ctc_head.vocabulary = torch.zeros(0, dtype=torch.long)  # the fresh state's shapes, then this data set's
+    model.ctc_head.resize_table(0)
     model.adaptor.load_state_dict(fresh_state)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model.set_ctc_vocabulary([t for e in train_ex + dev_ex for t in e.tokens])
+    model.set_ctc_vocabulary([t for e in train_ex for t in e.tokens])  # as training does: dev words can be missing
     params = [p for p in model.adaptor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = min(20, steps // 10)
@@ -109,16 +110,43 @@ def write_markdown(path: Path, output: dict) -> None:
         f"{output['steps']} adaptor-only CTC steps at batch {output['batch']}, seed {output['seed']}; dev WER of greedy "
         "CTC decoding against the LLM's token embeddings.",
         "",
-        "| data | train utts | token types (heard once) | lr | dev WER by step | s |",
-        "|---|---|---|---|---|---|",
+        "| variant | data | train utts | token types (heard once) | lr | dev WER by step | s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in output["settings"]:
         curve = ", ".join(f"{c['step']}: {c['dev_wer']:.0f} %" for c in s["curve"])
         lines.append(
-            f"| {s['data']} | {s['train_utterances']} | {s['token_types']} ({s['types_heard_once']}) | "
+            f"| {s.get('variant', 'baseline')} | {s['data']} | {s['train_utterances']} | {s['token_types']} ({s['types_heard_once']}) | "
             f"{s['lr']:g} | {curve} | {s['seconds']:.0f} |"
         )
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def probe_variant(name: str, config, datasets, lrs, args) -> list[dict]:
+    """Every (data set, lr) setting for one model variant, each from the same fresh adaptor."""
+    torch.manual_seed(args.seed)
+    processor = SpeechProcessor.from_config(
+        config.model, cache_dir=config.data.feature_cache or conditune_home() / "features"
+    )
+    model = SpeechLLM.build(config.model, encoder_dim=processor.encoder.dim, tokenizer=processor.tokenizer)
+    fresh_state = {k: v.clone() for k, v in model.adaptor.state_dict().items()}  # every setting starts here
+    settings = []
+    for folder in datasets:
+        train_utts, _ = read_manifests(folder / "train.jsonl")
+        dev_utts = balanced_subset(read_manifests(folder / "dev.jsonl")[0], args.dev_utterances)
+        print(f"{folder}: encoding {len(train_utts) + len(dev_utts)} utterances (cached)", flush=True)
+        train_ex = prepare_examples(train_utts, processor, max_text_tokens=256).examples
+        dev_ex = prepare_examples(dev_utts, processor, max_text_tokens=256).examples
+        tokens = [t for e in train_ex for t in e.tokens]
+        once = sum(1 for n in Counter(tokens).values() if n == 1)
+        for lr in lrs:
+            print(f"{name}: {folder} lr {lr:g}", flush=True)
+            result = probe(model, fresh_state, processor, train_ex, dev_ex, lr=lr, steps=args.steps, batch=args.batch,
+                           eval_every=args.eval_every, seed=args.seed)  # fmt: skip
+            settings.append({"variant": name, "data": str(folder), "train_utterances": len(train_ex),
+                             "dev_utterances": len(dev_ex), "train_tokens": len(tokens), "token_types": len(set(tokens)),
+                             "types_heard_once": once, "lr": lr, **result})  # fmt: skip
+    return settings
 
 
 def main(argv=None) -> int:
@@ -132,6 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default="configs/speech_demo.yaml", help="model section: encoder, LLM, adaptor")
     parser.add_argument("--output", type=Path, default=Path("results/adaptor_alignment.json"))
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]",
+                        help="a model variant to probe too (repeatable), e.g. learned=model.ctc.learn_table=true")  # fmt: skip
     args = parser.parse_args(argv)
     datasets, lrs = args.data or [Path("data/speech_v1000")], args.lr or [1e-3, 3e-4]
     for folder in datasets:
@@ -139,50 +169,14 @@ def main(argv=None) -> int:
             print(f"error: {folder}: no train.jsonl/dev.jsonl (make it with conditune data synth)", file=sys.stderr)
             return 2
 
-    config = load_train_config(args.config, ["model.trainable.mode=none", f"training.seed={args.seed}"])
-    torch.manual_seed(args.seed)
-    processor = SpeechProcessor.from_config(
-        config.model, cache_dir=config.data.feature_cache or conditune_home() / "features"
-    )
-    model = SpeechLLM.build(config.model, encoder_dim=processor.encoder.dim, tokenizer=processor.tokenizer)
-    fresh_state = {k: v.clone() for k, v in model.adaptor.state_dict().items()}  # every setting starts here
-
+    variants = {"baseline": []}
+    for item in args.variant:
+        name, _, rest = item.partition("=")
+        variants[name] = [kv for kv in rest.split(";") if kv]
     settings = []
-    for folder in datasets:
-        train_utts, _ = read_manifests(folder / "train.jsonl")
-        dev_utts = balanced_subset(read_manifests(folder / "dev.jsonl")[0], args.dev_utterances)
-        print(f"{folder}: encoding {len(train_utts) + len(dev_utts)} utterances (cached)", flush=True)
-        train_ex = prepare_examples(train_utts, processor, max_text_tokens=256).examples
-        dev_ex = prepare_examples(dev_utts, processor, max_text_tokens=256).examples
-        tokens = [t for e in train_ex for t in e.tokens]
-        once = sum(1 for n in Counter(tokens).values() if n == 1)
-        for lr in lrs:
-            print(f"{folder} lr {lr:g}", flush=True)
-            result = probe(
-                model,
-                fresh_state,
-                processor,
-                train_ex,
-                dev_ex,
-                lr=lr,
-                steps=args.steps,
-                batch=args.batch,
-                eval_every=args.eval_every,
-                seed=args.seed,
-            )
-            settings.append(
-                {
-                    "data": str(folder),
-                    "train_utterances": len(train_ex),
-                    "dev_utterances": len(dev_ex),
-                    "train_tokens": len(tokens),
-                    "token_types": len(set(tokens)),
-                    "types_heard_once": once,
-                    "lr": lr,
-                    **result,
-                }
-            )
-
+    for name, overrides in variants.items():
+        config = load_train_config(args.config, ["model.trainable.mode=none", f"training.seed={args.seed}", *overrides])
+        settings += probe_variant(name, config, datasets, lrs, args)
     output = {
         "benchmark": "adaptor_alignment",
         "date": time.strftime("%Y-%m-%d"),
@@ -191,6 +185,7 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "seed": args.seed,
         "adaptor": to_dict(config.model.adaptor),
+        "variants": variants,
         "settings": settings,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -562,3 +562,17 @@ def test_augmented_copies_can_take_the_originals_place(assets, tmp_path):
     assert result.train_utterances == 4  # each utterance once, as its augmented copy
     records = [json.loads(x) for x in (tmp_path / "aug" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["data_sha"]  # the batches name the copies: path#aug-<params>
+
+
+def test_a_learned_ctc_table_trains_saves_and_loads(assets, tmp_path):
+    cfg = _config(assets, tmp_path / "lt", mode="none", max_steps=2, align_steps=3, warmup_steps=0)
+    cfg["model"]["ctc"] = {"compress": True, "readout": "embeddings", "learn_table": True}
+    cfg["training"]["ctc_weight"] = 0.5
+    result = train(cfg)
+    model, processor = load_speech_model(result.final_dir)
+    offset = model.ctc_head.table_offset
+    assert offset.shape == (model.ctc_head.vocabulary.numel(), model.config.llm_dim) and offset.abs().sum() > 0
+    paths = [str(p) for p in assets["paths"][:2]]
+    assert transcribe(model, processor, paths, max_new_tokens=4) == transcribe(
+        *load_speech_model(result.final_dir), paths, max_new_tokens=4
+    )

@@ -37,13 +37,13 @@ def subsampled_lengths(lengths: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 class AudioAdaptor(nn.Module):
-    def __init__(self, encoder_dim: int, llm_dim: int, config: AdaptorConfig):
+    def __init__(self, encoder_dim: int, llm_dim: int, config: AdaptorConfig, *, learn_ctc_table: bool = False):
         super().__init__()
         self.factor = int(config.subsample)
         self.encoder_dim = int(encoder_dim)
         self.llm_dim = int(llm_dim)
         # registered first: the parameter order (which gradient clipping sums norms in) stays that of 0.1.0
-        self.ctc_head = CTCHead(self.llm_dim)
+        self.ctc_head = CTCHead(self.llm_dim, learn_table=learn_ctc_table)
         self.proj = nn.Linear(self.factor * self.encoder_dim, self.llm_dim)
         self.norm = nn.LayerNorm(self.llm_dim)
         heads = int(config.heads)

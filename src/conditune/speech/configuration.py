@@ -72,6 +72,9 @@ class CTCConfig:
     # run) or "embeddings" (the CTC posterior over tokens times the LLM's own token embeddings, averaged over
     # the run, as LegoSLM does): confident positions then look like text to the LLM. Needs compress.
     readout: str = "adaptor"
+    # Learn an offset to each scored token embedding (not in the paper): the head's classes start as the LLM's
+    # embeddings and move; the embeddings readout still mixes the LLM's own embeddings.
+    learn_table: bool = False
 
 
 @dataclass

@@ -26,20 +26,40 @@ from conditune.errors import CondituneError
 
 
 class CTCHead(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, *, learn_table: bool = False):
         super().__init__()
+        self.learn_table = learn_table
         self.blank = nn.Parameter(torch.zeros(dim))  # the blank "token embedding"
         # log of the logit scale: token-embedding dot products are small (SmolLM2: |e| ~ 3), so the softmax over
         # ~50k tokens needs a gain that can grow quickly
         self.log_scale = nn.Parameter(torch.tensor(math.log(4.0)))
         # saved with the head, so a loaded model compresses exactly as it did in training
         self.register_buffer("vocabulary", torch.zeros(0, dtype=torch.long))
+        # learn_table: a learned offset to each scored token's embedding (zeros: the frozen embeddings), so the
+        # head need not find the LLM's exact embedding directions; what the LLM reads stays its own embeddings
+        self.table_offset = nn.Parameter(torch.zeros(0, dim), requires_grad=learn_table)
 
-    def set_vocabulary(self, token_ids: Sequence[int] | None) -> None:
+    def set_vocabulary(self, token_ids: Sequence[int] | None, *, vocabulary_size: int | None = None) -> None:
         """Score only these tokens (a few thousand dot products per position instead of the whole vocabulary);
-        ``None``: every token."""
+        ``None``: every token (``vocabulary_size`` of them, for a learned table)."""
         vocab = sorted({int(t) for t in token_ids}) if token_ids is not None else []
         self.vocabulary = torch.tensor(vocab, dtype=torch.long, device=self.vocabulary.device)
+        rows = len(vocab) if vocab else (vocabulary_size or 0) if self.learn_table else 0
+        self.resize_table(rows)
+
+    def resize_table(self, rows: int) -> None:
+        """A zero offset for ``rows`` tokens when the table is learned (no rows otherwise)."""
+        rows = rows if self.learn_table else 0
+        device = self.table_offset.device
+        self.table_offset = nn.Parameter(torch.zeros(rows, self.blank.shape[0], device=device),
+                                         requires_grad=self.learn_table)  # fmt: skip
+
+    def scored_table(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows the logits score: the token embeddings (+ the learned offset) and their token ids."""
+        table, columns = self.token_table(embeddings)
+        if self.table_offset.numel():
+            table = table + self.table_offset.to(table.dtype)
+        return table, columns
 
     def token_table(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The frozen token embeddings scored (``[V', D]``) and their token ids (None: all, in order)."""
@@ -51,7 +71,7 @@ class CTCHead(nn.Module):
 
     def logits(self, audio: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, T, V' + 1]`` logits (blank last) and the token id of each column (None: all of them)."""
-        table, columns = self.token_table(embeddings)
+        table, columns = self.scored_table(embeddings)
         table = torch.cat([table, self.blank[None].to(table.dtype)])
         return (audio @ table.to(audio.dtype).T).float() * self.log_scale.exp(), columns
 

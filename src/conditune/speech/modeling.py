@@ -113,7 +113,9 @@ class SpeechLLM(nn.Module):
         _resolve_token_ids(config, tokenizer, core)
         embeddings = core.get_input_embeddings().weight
         config.encoder_dim, config.llm_dim = int(encoder_dim), int(embeddings.shape[1])
-        adaptor = AudioAdaptor(config.encoder_dim, config.llm_dim, config.adaptor)
+        adaptor = AudioAdaptor(
+            config.encoder_dim, config.llm_dim, config.adaptor, learn_ctc_table=config.ctc.learn_table
+        )
         if config.adaptor.match_embedding_scale:
             adaptor.match_scale(embeddings)
         return cls(config, llm, adaptor)
@@ -245,7 +247,7 @@ class SpeechLLM(nn.Module):
     # ------------------------------------------------------------------ CTC head
 
     def set_ctc_vocabulary(self, token_ids: Sequence[int] | None) -> None:
-        self.ctc_head.set_vocabulary(token_ids)
+        self.ctc_head.set_vocabulary(token_ids, vocabulary_size=self.token_embeddings.shape[0])
 
     def ctc_loss(
         self, audio: torch.Tensor, audio_lengths: torch.Tensor, token_ids: Sequence[Sequence[int]]
@@ -381,6 +383,8 @@ class SpeechLLM(nn.Module):
         # the CTC vocabulary buffer takes the saved run's size (absent before 2026-12-02: every token)
         saved = state.setdefault("ctc_head.vocabulary", torch.zeros(0, dtype=torch.long))
         self.ctc_head.vocabulary = torch.zeros_like(saved, device=self.ctc_head.vocabulary.device)
+        offset = state.setdefault("ctc_head.table_offset", torch.zeros(0, self.ctc_head.blank.shape[0]))
+        self.ctc_head.resize_table(offset.shape[0])
         try:
             self.adaptor.load_state_dict(state)
         except RuntimeError as exc:
