@@ -140,7 +140,7 @@ def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
     } <= metrics
     summary = (out / "summary.md").read_text()
     assert "| lowest-kappa | 2 |" in summary and "| lora | 2 |" in summary
-    assert "batch order identical" in summary and "DIFFERS" not in summary and "pooled std" in summary
+    assert "batch order identical" in summary and "DIFFERS" not in summary and "paired bootstrap" in summary
 
     # a re-run retrains nothing; adding an arm trains only that arm
     marks = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/done.json")}
@@ -152,7 +152,10 @@ def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
     more = run_experiment(_config(assets, ["lowest-kappa", "lora", "adaptor-only"], seeds=[0]), out)
     assert more["ran"] == [("adaptor-only", 0)]
     first = [r for r in _train_records(out, "adaptor-only", 0) if r["kind"] == "train"]
-    assert first[0]["data_sha"] == _train_records(out, "lowest-kappa", 0)[0]["data_sha"]
+    assert (
+        first[0]["data_sha"]
+        == next(r for r in _train_records(out, "lowest-kappa", 0) if r["kind"] == "train")["data_sha"]
+    )
     # a different configuration in the same folder is refused
     with pytest.raises(CondituneError, match="another configuration"):
         run_experiment(_config(assets, ["lowest-kappa"], max_steps=6), out)
