@@ -132,6 +132,43 @@ def _alpha(ratio: float, r: int) -> int:
     return max(1, int(round(ratio * r)))
 
 
+def capped_ranks(costs: dict[str, int], caps: dict[str, int], target: int) -> dict[str, int]:
+    """Per-module ranks whose total ``Σ rank·cost`` comes closest to ``target`` from below, each at most its cap:
+    the same rank r everywhere (the largest that fits, capped), then single modules at +1, costliest first."""
+    r = 1
+    while r < max(caps.values()) and sum(min(r + 1, caps[m]) * c for m, c in costs.items()) <= target:
+        r += 1
+    ranks = {m: min(r, caps[m]) for m in costs}
+    left = target - sum(ranks[m] * c for m, c in costs.items())
+    for module in sorted(costs, key=lambda m: (-costs[m], m)):
+        if ranks[module] < caps[module] and costs[module] <= left:
+            ranks[module] += 1
+            left -= costs[module]
+    return ranks
+
+
+def match_pissa(
+    shapes: dict[str, tuple[int, int]], target: int, rank: Any, alpha_ratio: float
+) -> tuple[dict[str, Any], int]:
+    """The ``lora`` arm's section when every rank fits (PiSSA takes r singular triples, so at most min(out, in) of
+    them: PEFT shrinks a larger rank to that); otherwise ranks matched again with min(out, in) as each cap."""
+    section, count = match_lora(shapes, target, rank, alpha_ratio)
+    caps = {m: min(o, i) for m, (o, i) in shapes.items()}
+    ranks = {m: section["r"] for m in shapes}
+    ranks.update({m: v for m in shapes for k, v in section["rank_pattern"].items() if k == re.escape(m)})
+    if all(ranks[m] <= caps[m] for m in shapes):
+        return section, count
+    if rank == "match":
+        ranks = capped_ranks({m: o + i for m, (o, i) in shapes.items()}, caps, target)
+    else:
+        ranks = {m: min(int(rank), caps[m]) for m in shapes}
+    r = max(ranks.values())
+    pattern = {re.escape(m): v for m, v in sorted(ranks.items()) if v != r}
+    section.update(r=r, alpha=_alpha(alpha_ratio, r), rank_pattern=pattern,
+                   alpha_pattern={k: _alpha(alpha_ratio, v) for k, v in pattern.items()})  # fmt: skip
+    return section, sum(ranks[m] * (o + i) for m, (o, i) in shapes.items())
+
+
 def osf_count(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> int:
     """Exact OSF parameter count: U_low (out × r), S_low (r), V_low (r × in) per module, r its trainable rank."""
     return sum(ranks[m] * (o + i + 1) for m, (o, i) in shapes.items())
@@ -147,19 +184,9 @@ def match_osf(shapes: dict[str, tuple[int, int]], target: int, rank: Any) -> tup
         raise CondituneError("OSF arm: no linear module to wrap among the targets")
     caps = {m: min(o, i) - 1 for m, (o, i) in shapes.items()}
     if rank == "match":
-        r = 1
-        while r < max(caps.values()) and osf_count(shapes, {m: min(r + 1, c) for m, c in caps.items()}) <= target:
-            r += 1
-        ranks = {m: min(r, c) for m, c in caps.items()}
-        left = target - osf_count(shapes, ranks)
-        for module in sorted(shapes, key=lambda m: (-(sum(shapes[m]) + 1), m)):
-            cost = sum(shapes[module]) + 1
-            if ranks[module] < caps[module] and cost <= left:
-                ranks[module] += 1
-                left -= cost
+        ranks = capped_ranks({m: o + i + 1 for m, (o, i) in shapes.items()}, caps, target)
     else:
-        r = int(rank)
-        ranks = {m: max(1, min(r, c)) for m, c in caps.items()}
+        ranks = {m: max(1, min(int(rank), c)) for m, c in caps.items()}
     pattern = {rf"(?:^|\.){re.escape(m)}$": min(shapes[m]) - ranks[m] for m in sorted(shapes)}
     return {"effective_rank": None, "rank_pattern": pattern}, osf_count(shapes, ranks), ranks
 
@@ -242,15 +269,23 @@ class _Planner:
             modules = [n[: -len(".weight")] for n in self.lowest.names if n.endswith(".weight")]
             shapes = {m: self.linear[m] for m in modules if m in self.linear}
             targets, rank, key = sorted(shapes), e.kappa_lora_rank, "kappa_lora_rank"
-        section, count = match_lora(shapes, self.target, rank, e.lora_alpha_ratio)
+        match = match_pissa if arm == "pissa" else match_lora
+        section, count = match(shapes, self.target, rank, e.lora_alpha_ratio)
         error = self.check_match(arm, count, rank, key)
         section["target_modules"] = targets
         if arm == "pissa":
             section["init"] = e.pissa_init
         dropped = len(self.lowest.names) - len(shapes) if arm == "kappa-lora" else 0
+        others = sorted(set(section["rank_pattern"].values()))
         note = (
             f"{len(shapes)} modules, r={section['r']}"
-            + (f" (+1 on {len(section['rank_pattern'])})" if section["rank_pattern"] else "")
+            + (
+                f" (+1 on {len(section['rank_pattern'])})"
+                if others == [section["r"] + 1]
+                else f" ({len(section['rank_pattern'])} at r={'/'.join(map(str, others))})"
+                if others
+                else ""
+            )
             + (f", init {e.pissa_init}" if arm == "pissa" else "")
             + f", {error:+.2%} vs lowest-kappa"
             + (f", {dropped} non-linear tensors of the selection dropped" if dropped else "")

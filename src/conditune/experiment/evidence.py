@@ -132,7 +132,9 @@ class Curve:
 
     @property
     def best_index(self) -> int:
-        return int(np.nanargmin(self.wer))
+        """The lowest evaluation (the latest of equal ones)."""
+        values = np.asarray(self.wer, dtype=np.float64)
+        return int(len(values) - 1 - np.nanargmin(values[::-1]))
 
     @property
     def best_step(self) -> int:
@@ -175,8 +177,8 @@ class TurnVerdict:
 
     @property
     def keeps_falling(self) -> bool:
-        """The final WER is the best, or above it only within noise."""
-        return not self.turns_upward
+        """No rise beyond noise after the best evaluation, and the final WER below the first."""
+        return bool(self.curve.steps) and not self.turns_upward and self.curve.final < self.curve.wer[0]
 
 
 def turn_verdict(
@@ -233,12 +235,13 @@ def describe_turn(verdicts: Sequence[TurnVerdict]) -> list[str]:
         span = (
             f"{c.seeds} seed{'s' if c.seeds != 1 else ''}, {len(c.steps)} evaluations, steps {c.steps[0]}–{c.steps[-1]}"
         )
+        outcome = "turns upward" if v.turns_upward else "keeps falling" if v.keeps_falling else "does not fall"
         if c.best_step == c.steps[-1]:
             lines.append(f"- {v.arm} ({span}): WER {c.wer[0]:.2f} % → {c.final:.2f} %, lowest at the last "
-                         "evaluation: keeps falling")  # fmt: skip
+                         f"evaluation: {outcome}")  # fmt: skip
             continue
         interval = "" if math.isnan(v.low) else f" (95 % interval of the rise [{v.low:+.2f}, {v.high:+.2f}] pp)"
-        verdict = "turns upward" if v.turns_upward else "the rise is within noise: keeps falling within noise"
-        lines.append(f"- {v.arm} ({span}): best {c.best:.2f} % at step {c.best_step}, final {c.final:.2f} % "
-                     f"({v.rise:+.2f} pp){interval}: {verdict}")  # fmt: skip
+        noise = "" if v.turns_upward else ", a rise within noise"
+        lines.append(f"- {v.arm} ({span}): WER {c.wer[0]:.2f} % at first, best {c.best:.2f} % at step {c.best_step}, "
+                     f"final {c.final:.2f} % ({v.rise:+.2f} pp){interval}{noise}: {outcome}")  # fmt: skip
     return lines
