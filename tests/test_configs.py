@@ -34,5 +34,25 @@ def test_experiment_configs_validate(name, tmp_path):
     for lang in ("en", "de"):
         heldout[lang] = str(tmp_path / f"heldout.{lang}.txt")
         Path(heldout[lang]).write_text("Ein Satz.\n", encoding="utf-8")
-    cfg = load_experiment_config(CONFIGS / name, {"experiment.heldout_text": heldout})
-    assert len(cfg.experiment.arms) == 8 and cfg.experiment.count >= 1
+    overrides = {"experiment.heldout_text": heldout}
+    from conditune.config import read_yaml
+
+    if (read_yaml(CONFIGS / name).get("experiment") or {}).get("knowledge_probe"):  # fetched data, absent here too
+        probe = tmp_path / "mmlu.jsonl"
+        probe.write_text('{"question": "q", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d", '
+                         '"correct_answer": "A", "topic": "t"}\n')  # fmt: skip
+        overrides["experiment.knowledge_probe"] = str(probe)
+    cfg = load_experiment_config(CONFIGS / name, overrides)
+    from conditune.experiment.config import ARMS, DEFAULT_ARMS
+
+    assert set(DEFAULT_ARMS) <= set(cfg.experiment.arms) <= set(ARMS) and cfg.experiment.count >= 1
+
+
+def test_the_v2_config_runs_every_arm_with_the_probes_and_the_long_horizon(tmp_path):
+    from conditune.config import read_yaml
+    from conditune.experiment.config import ARMS
+
+    e = read_yaml(CONFIGS / "experiment_v2.yaml")["experiment"]
+    assert e["arms"] == list(ARMS) and len(e["seeds"]) >= 3 and e["knowledge_probe"] and e["knowledge_questions"] == 500
+    assert e["long_horizon"] == {"arms": ["lowest-kappa", "highest-kappa"], "seeds": [0, 1], "steps_multiplier": 4,
+                                 "evaluations": 8}  # fmt: skip

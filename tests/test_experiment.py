@@ -140,7 +140,7 @@ def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
     } <= metrics
     summary = (out / "summary.md").read_text()
     assert "| lowest-kappa | 2 |" in summary and "| lora | 2 |" in summary
-    assert "batch order identical" in summary and "DIFFERS" not in summary and "pooled std" in summary
+    assert "batch order identical" in summary and "DIFFERS" not in summary and "paired bootstrap" in summary
 
     # a re-run retrains nothing; adding an arm trains only that arm
     marks = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/done.json")}
@@ -152,7 +152,10 @@ def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
     more = run_experiment(_config(assets, ["lowest-kappa", "lora", "adaptor-only"], seeds=[0]), out)
     assert more["ran"] == [("adaptor-only", 0)]
     first = [r for r in _train_records(out, "adaptor-only", 0) if r["kind"] == "train"]
-    assert first[0]["data_sha"] == _train_records(out, "lowest-kappa", 0)[0]["data_sha"]
+    assert (
+        first[0]["data_sha"]
+        == next(r for r in _train_records(out, "lowest-kappa", 0) if r["kind"] == "train")["data_sha"]
+    )
     # a different configuration in the same folder is refused
     with pytest.raises(CondituneError, match="another configuration"):
         run_experiment(_config(assets, ["lowest-kappa"], max_steps=6), out)
@@ -197,3 +200,54 @@ def test_bad_config_is_one_line_error(assets, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err, (override, err)
     assert main(["experiment", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "o")]) == 1
+
+
+def _mmlu(path):
+    rows = [("open the", "door", "window", "morning", "now", "A"), ("good", "morning", "left", "yes", "door", "A"),
+            ("turn", "left", "please", "good", "open", "B")]  # fmt: skip
+    path.write_text("".join(json.dumps({"question": q, "answer_a": a, "answer_b": b, "answer_c": c, "answer_d": d,
+                                        "correct_answer": k, "topic": "t"}) + "\n" for q, a, b, c, d, k in rows))  # fmt: skip
+    return path
+
+
+def test_every_arm_end_to_end_with_shared_alignment_and_long_horizon(assets, tmp_path):
+    from conditune.experiment.config import ARMS
+    from conditune.experiment.runs import align_dir, long_dir, read_items, run_dir
+    from conditune.recipes.experiment import run_experiment
+
+    cfg = _config(assets, list(ARMS), seeds=[0], max_steps=4, align_steps=2, ctc_weight=0.2)
+    cfg["experiment"].update(count=4, knowledge_probe=str(_mmlu(tmp_path / "mmlu.jsonl")), knowledge_questions=2,
+                             long_horizon={"arms": ["lowest-kappa", "highest-kappa"], "steps_multiplier": 2,
+                                           "evaluations": 3})  # fmt: skip
+    out = tmp_path / "exp"
+    result = run_experiment(cfg, out)
+    assert sorted(result["ran"]) == sorted((arm, 0) for arm in ARMS)
+    assert sorted(result["ran_long"]) == [("highest-kappa", 0), ("lowest-kappa", 0)]
+    shared = json.loads((align_dir(out, 0) / "done.json").read_text())
+    assert shared["step"] == 2
+    for arm in ARMS:
+        folder = run_dir(out, arm, 0)
+        records = [json.loads(x) for x in (folder / "train" / "metrics.jsonl").read_text().splitlines()]
+        start = next(r for r in records if r["kind"] == "main_start")
+        assert start["adaptor_sha"] == shared["adaptor_sha"] and start["step"] == 2, arm  # one alignment stage
+        assert next(r["step"] for r in records if r["kind"] == "train") == 3  # its own steps start after it
+        done, plan = json.loads((folder / "done.json").read_text()), json.loads((folder / "plan.json").read_text())
+        if plan["expected_llm_params"] is not None and arm != "full":
+            assert done["result"]["trainable_llm_params"] == plan["expected_llm_params"], arm
+        items = read_items(folder / "train" / "eval_items.jsonl")
+        assert sorted(items) == [4, 6] and len(items[6]["dev"]) == 4 and len(items[6]["knowledge"]) == 2, arm
+        assert set(items[6]["text"]) == {"en", "de"}
+    target = json.loads((run_dir(out, "lowest-kappa", 0) / "plan.json").read_text())["expected_llm_params"]
+    for arm in ("lora", "kappa-lora", "pissa", "osf"):
+        count = json.loads((run_dir(out, arm, 0) / "plan.json").read_text())["expected_llm_params"]
+        assert abs(count / target - 1) <= 0.05, arm
+    long_evals = [json.loads(x)["step"] for x in (long_dir(out, "lowest-kappa", 0) / "train" / "metrics.jsonl")
+                  .read_text().splitlines() if json.loads(x)["kind"] == "eval"]  # fmt: skip
+    assert long_evals == [4, 6, 8, 10]  # 2 x 4 main steps, every 8 // 3 = 2 after the 2 alignment steps
+    summary = (out / "summary.md").read_text()
+    assert f"in all {len(ARMS)} arms" in summary and "## Long horizon" in summary and "knowledge accuracy" in summary
+    info = json.loads((out / "experiment.json").read_text())
+    assert info["machine"]["cores"] >= 1 and info["first_run_started_at"] and info["fingerprint"]
+    # a re-run trains nothing
+    again = run_experiment(cfg, out)
+    assert again["ran"] == [] and again["ran_long"] == []

@@ -187,7 +187,8 @@ def test_fused_slices_map_to_one_parameter():
         ({"count": 3, "budget": 0.1}, "only one"),
         ({"budget": 1.5}, "--budget"),
         ({"policy": "best"}, "unknown policy"),
-        ({"score": "snr"}, "unknown score"),
+        ({"score": "entropy"}, "unknown score"),
+        ({"score": "snr"}, "--spectrum full"),  # a known score, but this scan has no singular values
         ({"policy": "threshold"}, "--threshold"),
         ({"include": ["("]}, "regular expression"),
         ({"params": "12Q"}, "parameter count"),

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         result = run_experiment(config, output, overrides or [], log=log, report_only=report_only)
         typer.echo(json.dumps({
             "ran": [f"{a}/seed{s}" for a, s in result["ran"]],
+            "ran_long_horizon": [f"{a}/seed{s}" for a, s in result.get("ran_long", [])],
             "skipped": [f"{a}/seed{s}" for a, s in result["skipped"]],
             **{k: result[k] for k in ("summary", "results", "plots")},
         }))  # fmt: skip

@@ -23,7 +23,9 @@ def register(app: typer.Typer) -> None:
         budget: float | None = typer.Option(None, "--budget", help="Fraction of all model parameters, e.g. 0.05."),
         params: str | None = typer.Option(None, "--params", help="Parameter budget, e.g. 20M (K/M/B suffixes)."),
         threshold: float | None = typer.Option(None, "--threshold", help="Policy threshold: score <= T."),
-        score: str = typer.Option("kappa", "--score", help="kappa | kappa_norm | log2_volume."),
+        score: str = typer.Option(
+            "kappa", "--score", help="kappa | kappa_norm | log2_volume | snr (Spectrum's; needs --spectrum full)."
+        ),
         per_kind: bool = typer.Option(False, "--per-kind", help="Take the same share of every tensor kind."),
         include: list[str] | None = typer.Option(
             None, "--include", help="Only names matching this regex (repeatable)."
@@ -44,7 +46,7 @@ def register(app: typer.Typer) -> None:
         fmt = format_for(output, fmt)  # check before a possibly long scan
         if output is not None:
             check_writable(output)
-        records, meta = _load_records(scan_file_or_source)
+        records, meta = _load_records(scan_file_or_source, full_spectrum=score == "snr")
         selection = select(
             records,
             policy,
@@ -68,16 +70,21 @@ def register(app: typer.Typer) -> None:
         _print_summary(selection, output, fmt)
 
 
-def _load_records(source: str) -> tuple[list, dict[str, Any]]:
-    from conditune.scanning.records import read_records
+def _load_records(source: str, *, full_spectrum: bool = False) -> tuple[list, dict[str, Any]]:
+    """Records of a scan file (with the singular values saved beside it, when a spectrum score needs them), or of
+    a scan of a checkpoint (the full spectrum when a spectrum score needs it)."""
+    from conditune.scanning.records import attach_spectra, read_records
 
     if Path(source).suffix.lower() in _SCAN_SUFFIXES:
-        return read_records(source)
+        records, meta = read_records(source)
+        if full_spectrum:
+            attach_spectra(records, source)
+        return records, meta
     try:
         from conditune.scanning import scan_source
     except ImportError as exc:
         raise CondituneError(f"{source}: not a scan file, and scanning is not available here ({exc})") from None
-    return scan_source(source)
+    return scan_source(source, spectrum="full" if full_spectrum else "fast")
 
 
 def _print_summary(selection, output: Path | None, fmt: str) -> None:

@@ -7,12 +7,23 @@ The trainer records a chained hash of the batches it consumed (``data_sha``) and
 ``metrics.jsonl``; the report checks that they agree across arms. A killed run resumes from its last
 checkpoint (one is written at every evaluation), so evaluations already logged are kept.
 
-``experiment.json`` (the config and its fingerprint) is written once the first run has finished, so a
-command that fails before any run completes leaves the folder free for the corrected one.
+Shared alignment stage (``experiment.share_alignment`` with ``training.align_steps > 0``): the CTC alignment
+of the adaptor does not involve the LLM, so it is the same for every arm of a seed. It runs once per seed
+(``runs/_align/seed<k>``, the LLM frozen, stopped with a checkpoint at ``align_steps``) and every arm of that
+seed, the long-horizon runs included, starts its main phase from it (``training.init_from``); each run logs
+hashes of the adaptor state it started from and the report checks they agree.
+
+Per-item results: at every evaluation the hook appends to ``train/eval_items.jsonl`` the per-utterance word
+errors of the dev set and the probe's per-item numbers (:meth:`ForgettingResult.items`), from which the report
+draws paired bootstrap intervals.
+
+``experiment.json`` (the config, its fingerprint, the machine and the dates) is written once the first run has
+finished, so a command that fails before any run completes leaves the folder free for the corrected one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -23,13 +34,31 @@ from typing import Any
 from conditune.config import to_dict
 from conditune.errors import CondituneError
 from conditune.experiment.config import ExperimentConfig, load_experiment_config, parse_shard
-from conditune.experiment.runs import DONE, INFO, PLAN, fingerprint, is_done, run_dir
+from conditune.experiment.runs import (
+    DONE,
+    INFO,
+    ITEMS,
+    PLAN,
+    align_dir,
+    fingerprint,
+    is_done,
+    long_dir,
+    run_dir,
+    write_items,
+)
 from conditune.io import atomic_write_json
+
+ALIGN_WAIT_S = 10.0  # another shard's alignment stage: how often to look for it
 
 
 def load_probe(cfg: ExperimentConfig):
-    """The forgetting probe: held-out texts and instruction prompts per language."""
-    from conditune.evaluation.forgetting import DEFAULT_INSTRUCTIONS, ForgettingProbe, read_texts
+    """The forgetting probe: held-out texts and instruction prompts per language, the knowledge questions."""
+    from conditune.evaluation.forgetting import (
+        DEFAULT_INSTRUCTIONS,
+        ForgettingProbe,
+        read_knowledge_questions,
+        read_texts,
+    )
 
     e = cfg.experiment
     texts = {lang: read_texts(path, limit=e.heldout_limit) for lang, path in sorted(e.heldout_text.items())}
@@ -39,16 +68,40 @@ def load_probe(cfg: ExperimentConfig):
     source = e.instructions if e.instructions is not None else DEFAULT_INSTRUCTIONS
     langs = sorted(texts) or sorted(source)
     prompts = {lang: list(source.get(lang, []))[: e.instructions_limit] for lang in langs if source.get(lang)}
-    return ForgettingProbe(texts, prompts, e.metric_batch, e.max_tokens, e.agreement_new_tokens)
+    questions = read_knowledge_questions(e.knowledge_probe) if e.knowledge_probe else []
+    if e.knowledge_probe and not questions:
+        raise CondituneError(f"experiment.knowledge_probe: {e.knowledge_probe} holds no question")
+    return ForgettingProbe(texts, prompts, e.metric_batch, e.max_tokens, e.agreement_new_tokens, questions=questions,
+                           knowledge_count=e.knowledge_questions, knowledge_seed=e.knowledge_seed,
+                           knowledge_max_tokens=e.knowledge_max_tokens)  # fmt: skip
 
 
-def forgetting_hook(probe, llm_config) -> Callable[[int, Any, Any], dict[str, float]]:
-    """The trainer's evaluation hook: the probe on (base LLM, the model's LLM), flattened into the eval record."""
+def dev_items(train_dir: Path) -> list[list[Any]]:
+    """Per dev utterance of the evaluation just written: ``[audio, language, word errors, reference words]``."""
+    from conditune.evaluation.wer import utterance_errors
+    from conditune.io import read_jsonl
+
+    path = train_dir / "eval_predictions.jsonl"
+    if not path.is_file():
+        return []
+    rows = read_jsonl(path)
+    errors = utterance_errors([r["reference"] for r in rows], [r["hypothesis"] for r in rows],
+                              [r["language"] for r in rows])  # fmt: skip
+    return [[r["audio"], r["language"], e, w] for r, (e, w) in zip(rows, errors)]
+
+
+def forgetting_hook(probe, llm_config, train_dir: Path | None = None, *, knowledge_from: int = 0):
+    """The trainer's evaluation hook: the probe on (base LLM, the model's LLM), flattened into the eval record;
+    with ``train_dir``, the per-item numbers of this evaluation appended to ``train_dir/eval_items.jsonl``. The
+    knowledge questions run at evaluations from step ``knowledge_from`` on."""
     from conditune.evaluation.pair import load_base_llm
 
     def hook(step: int, model, processor) -> dict[str, float]:
         base = load_base_llm(llm_config, model.device)
-        return probe.measure(base, model.llm, processor.tokenizer).flat()
+        measured = probe.measure(base, model.llm, processor.tokenizer, knowledge=step >= knowledge_from)
+        if train_dir is not None:
+            write_items(train_dir / ITEMS, {"step": step, "dev": dev_items(train_dir), **measured.items()})
+        return measured.flat()
 
     return hook
 
@@ -65,9 +118,18 @@ def check_folder(out: Path, cfg: ExperimentConfig) -> str:
         if old not in (None, fp):
             raise CondituneError(
                 f"{out} holds an experiment with another configuration (fingerprint {old}, now {fp}): "
-                "choose another --output (only experiment.arms, seeds and shard may change between runs)"
+                "choose another --output (only experiment.arms, seeds, shard and long_horizon.arms/seeds may change "
+                "between runs)"
             )
     return fp
+
+
+def planned_runs(cfg: ExperimentConfig) -> list[tuple[str, int, bool]]:
+    """Every (arm, seed, long horizon?) of the config, main grid first (seed by seed), then the long-horizon runs."""
+    e = cfg.experiment
+    runs = [(arm, seed, False) for seed in e.seeds for arm in e.arms]
+    long_seeds = e.long_horizon.seeds or e.seeds
+    return runs + [(arm, seed, True) for seed in long_seeds for arm in e.long_horizon.arms]
 
 
 def run_experiment(
@@ -93,60 +155,164 @@ def run_experiment(
 
         check_writable(out, folder=True)
         fp = check_folder(out, cfg)
-        runs = [(arm, seed) for seed in cfg.experiment.seeds for arm in cfg.experiment.arms]
+        runs = planned_runs(cfg)
         if cfg.experiment.shard:
             i, n = parse_shard(cfg.experiment.shard)
             runs = [r for k, r in enumerate(runs) if k % n == i]
         skipped = [r for r in runs if is_done(out, *r)]
-        for arm, seed in skipped:
-            log(f"{arm} seed {seed}: done, skipped")
+        for arm, seed, long in skipped:
+            log(f"{_label(arm, long)} seed {seed}: done, skipped")
         todo = [r for r in runs if r not in skipped]
         if todo:
             ran = _run_all(cfg, out, todo, fp, log)
     report = build_report(out, cfg)
     log(f"report: {out / 'summary.md'}")
-    return {"ran": ran, "skipped": skipped, **report}
+    return {"ran": [(a, s) for a, s, long in ran if not long], "ran_long": [(a, s) for a, s, long in ran if long],
+            "skipped": [(a, s) for a, s, long in skipped if not long], **report}  # fmt: skip
 
 
-def _run_all(cfg: ExperimentConfig, out: Path, todo: list[tuple[str, int]], fp: str, log) -> list[tuple[str, int]]:
-    from conditune.experiment.arms import load_scan, plan_arms
+def _label(arm: str, long: bool) -> str:
+    return f"{arm} (long horizon)" if long else arm
+
+
+def _run_all(cfg: ExperimentConfig, out: Path, todo: list[tuple[str, int, bool]], fp: str, log) -> list:
+    from conditune.experiment.arms import load_scan, needs_full_spectrum, plan_arms
 
     records, meta = load_scan(cfg, log)
+    full = load_scan(cfg, log, spectrum="full")[0] if needs_full_spectrum(cfg) else None
     probe = load_probe(cfg)
     plans_by_seed: dict[int, dict] = {}
+    arms = list(dict.fromkeys([*cfg.experiment.arms, *cfg.experiment.long_horizon.arms]))
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _own_alignment_stages(cfg, out, todo, log)
     ran = []
-    for arm, seed in todo:
+    for arm, seed, long in todo:
         if seed not in plans_by_seed:
-            plans_by_seed[seed] = plan_arms(cfg, records, seed, meta)
-        _run_one(cfg, out, arm, seed, plans_by_seed[seed][arm], probe, log)
-        atomic_write_json(out / INFO, {"fingerprint": fp, "config": to_dict(cfg)})  # a run finished: claim it
-        ran.append((arm, seed))
+            plans_by_seed[seed] = plan_arms(cfg, records, seed, meta, full_records=full, arms=arms)
+        init_from = _alignment_for(cfg, out, seed, log)
+        _run_one(cfg, out, arm, seed, plans_by_seed[seed][arm], probe, log, init_from=init_from, long=long)
+        _claim(out, cfg, fp, started)  # a run finished: the folder is this config's
+        ran.append((arm, seed, long))
     return ran
 
 
-def _run_one(cfg: ExperimentConfig, out: Path, arm: str, seed: int, plan, probe, log) -> None:
+def _claim(out: Path, cfg: ExperimentConfig, fp: str, started: str) -> None:
+    from conditune.machine import machine_description
+
+    info = out / INFO
+    first = started
+    if info.is_file():
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+            first = json.loads(info.read_text()).get("first_run_started_at") or started
+    atomic_write_json(info, {"fingerprint": fp, "config": to_dict(cfg), "first_run_started_at": first,
+                             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_description()})  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- alignment stage
+
+
+def shares_alignment(cfg: ExperimentConfig) -> bool:
+    return bool(cfg.experiment.share_alignment and cfg.training.align_steps)
+
+
+def _own_alignment_stages(cfg: ExperimentConfig, out: Path, todo, log) -> None:
+    """The alignment stages this process runs first: every seed it needs (without shards), or the seeds whose
+    index in ``experiment.seeds`` falls to its shard (the other shards wait for them)."""
+    if not shares_alignment(cfg):
+        return
+    seeds = list(dict.fromkeys(seed for _, seed, _ in todo))
+    if cfg.experiment.shard:
+        i, n = parse_shard(cfg.experiment.shard)
+        every = list(dict.fromkeys([*cfg.experiment.seeds, *cfg.experiment.long_horizon.seeds]))
+        seeds = [s for k, s in enumerate(every) if k % n == i]
+    for seed in seeds:
+        run_alignment(cfg, out, seed, log)
+
+
+def run_alignment(cfg: ExperimentConfig, out: Path, seed: int, log) -> Path:
+    """The shared alignment stage of ``seed`` (the LLM frozen, stopped at ``align_steps`` with a checkpoint),
+    unless it is done; returns its checkpoint."""
     from conditune.training import checkpoint as ckpt
     from conditune.training import trainer
 
-    folder = run_dir(out, arm, seed)
+    folder = align_dir(out, seed)
+    if (folder / DONE).is_file():
+        return Path(json.loads((folder / DONE).read_text())["checkpoint"])
     train_dir = folder / "train"
-    tc = cfg.train_config_for(seed, train_dir, plan.trainable)
+    tc = cfg.train_config_for(seed, train_dir, {"mode": "none"})
+    resume = bool(ckpt.list_checkpoints(train_dir))
+    tc.output.overwrite = not resume
+    log(f"alignment stage seed {seed}: {'resuming' if resume else 'training'} ({tc.training.align_steps} CTC steps, "
+        "shared by every arm of the seed)")  # fmt: skip
+    a = tc.training.align_steps
+    result = trainer.train(tc, resume=resume, stop_at=a, log=lambda m: log(f"  [align/{seed}] {m}"))
+    if result.step != a:
+        raise CondituneError(f"alignment stage seed {seed} stopped at step {result.step}, not {a}")
+    checkpoint = ckpt.checkpoints_root(train_dir) / f"step-{a:08d}"
+    atomic_write_json(folder / DONE, {"seed": seed, "checkpoint": str(checkpoint.resolve()), "step": a,
+                                      "adaptor_sha": checkpoint_adaptor_sha(checkpoint),
+                                      "align_seconds_per_step": result.align_seconds_per_step,
+                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})  # fmt: skip
+    return checkpoint
+
+
+def checkpoint_adaptor_sha(checkpoint: Path) -> str:
+    """The adaptor hash (:meth:`Trainer.main_start_record`'s) of a saved checkpoint's adaptor and CTC head."""
+    from safetensors.torch import load_file
+
+    from conditune.speech.modeling import WEIGHTS_NAME
+    from conditune.training.checkpoint import tensors_sha
+
+    state = load_file(str(checkpoint / WEIGHTS_NAME))
+    return tensors_sha({k[len("adaptor.") :]: v for k, v in state.items() if k.startswith("adaptor.")})
+
+
+def _alignment_for(cfg: ExperimentConfig, out: Path, seed: int, log) -> Path | None:
+    """The checkpoint a run of ``seed`` starts its main phase from (None: no shared stage); under shards, waits
+    for the shard that runs it."""
+    if not shares_alignment(cfg):
+        return None
+    done = align_dir(out, seed) / DONE
+    if not cfg.experiment.shard:
+        return run_alignment(cfg, out, seed, log)
+    if not done.is_file():
+        log(f"waiting for the alignment stage of seed {seed} (another shard runs it)")
+    while not done.is_file():
+        time.sleep(ALIGN_WAIT_S)
+    return Path(json.loads(done.read_text())["checkpoint"])
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+
+def _run_one(cfg: ExperimentConfig, out: Path, arm: str, seed: int, plan, probe, log, *, init_from, long) -> None:
+    from conditune.training import checkpoint as ckpt
+    from conditune.training import trainer
+
+    folder = long_dir(out, arm, seed) if long else run_dir(out, arm, seed)
+    train_dir = folder / "train"
+    tc = cfg.train_config_for(seed, train_dir, plan.trainable, init_from=init_from, long_horizon=long)
     resume = bool(ckpt.list_checkpoints(train_dir))
     if not resume:
         tc.output.overwrite = True  # a run killed before its first checkpoint starts afresh
-    plan_doc = {"arm": arm, "seed": seed, "trainable": plan.trainable, "expected_llm_params": plan.llm_params,
-                "note": plan.note}  # fmt: skip
+        (train_dir / ITEMS).unlink(missing_ok=True)
+    plan_doc = {"arm": arm, "seed": seed, "long_horizon": long, "trainable": plan.trainable,
+                "expected_llm_params": plan.llm_params, "note": plan.note,
+                "init_from": str(init_from) if init_from else None}  # fmt: skip
     atomic_write_json(folder / PLAN, plan_doc)
-    log(f"{arm} seed {seed}: {'resuming' if resume else 'training'} ({plan.note})")
+    label = _label(arm, long)
+    log(f"{label} seed {seed}: {'resuming' if resume else 'training'} ({plan.note})")
     started = time.monotonic()
-    result = trainer.train(
-        tc, resume=resume, log=lambda m: log(f"  [{arm}/{seed}] {m}"), eval_hook=forgetting_hook(probe, tc.model.llm)
-    )
+    last = tc.training.align_steps + tc.training.max_steps
+    knowledge_from = last if cfg.experiment.knowledge_at == "last" else 0
+    hook = forgetting_hook(probe, tc.model.llm, train_dir, knowledge_from=knowledge_from)
+    result = trainer.train(tc, resume=resume, log=lambda m: log(f"  [{label}/{seed}] {m}"), eval_hook=hook)
     if result.stopped != "max_steps":
-        raise CondituneError(f"{arm} seed {seed} stopped early ({result.stopped})")
+        raise CondituneError(f"{label} seed {seed} stopped early ({result.stopped})")
     atomic_write_json(folder / DONE, {
         "arm": arm,
         "seed": seed,
+        "long_horizon": long,
         "result": result.to_dict(),
         "note": plan.note,
         "expected_llm_params": plan.llm_params,

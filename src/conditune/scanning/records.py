@@ -289,3 +289,30 @@ def _impossible(record: TensorRecord) -> str | None:
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+def spectra_path(scan_file: str | Path) -> Path:
+    """Where ``conditune scan --spectrum full -o FILE`` keeps the singular values: ``FILE`` with the suffix
+    ``.spectra.safetensors``."""
+    return Path(scan_file).with_suffix(".spectra.safetensors")
+
+
+def attach_spectra(records: list[TensorRecord], scan_file: str | Path) -> int:
+    """Put the singular values saved beside ``scan_file`` (if any) into each record's ``extra``; the number of
+    records that got one (0 when the scan was not made with the full spectrum)."""
+    path = spectra_path(scan_file)
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            names = set(handle.keys())
+            found = 0
+            for record in records:
+                if record.name in names:
+                    record.extra["singular_values"] = handle.get_tensor(record.name).tolist()
+                    found += 1
+    except Exception as exc:  # noqa: BLE001 - safetensors reports damage as several exception types
+        raise CondituneError(f"{path}: cannot read the scan's singular values ({_one_line(exc)})") from None
+    return found

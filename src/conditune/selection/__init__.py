@@ -31,7 +31,9 @@ from conditune.selection.policies import (
     format_params,
     parameter_name,
     parse_params,
+    score_of,
     select,
+    spectrum_snr,
 )
 
 _LAZY = {"SelectionCallback", "DeltaTrainer"}
@@ -60,7 +62,9 @@ __all__ = [
     "read_names",
     "render",
     "save_delta",
+    "score_of",
     "select",
+    "spectrum_snr",
     "trainable_parameters",
     "write_selection",
 ]

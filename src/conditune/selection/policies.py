@@ -20,6 +20,10 @@ Rules, in the order they apply:
   takes every tensor that still fits, skipping ones that would overflow it, so one huge low-κ tensor
   (an embedding) does not leave the budget empty. Without any size, ``threshold`` takes every tensor
   with score <= t and the other policies take :data:`DEFAULT_COUNT` tensors.
+* Scores: a record column (``kappa``, ``kappa_norm``, ``log2_volume``), or ``snr``, Spectrum's signal-to-noise
+  ratio (:func:`spectrum_snr`), computed from the record's full spectrum (``extra["singular_values"]``, present
+  after a scan with ``spectrum="full"``); Spectrum itself keeps the highest SNR per tensor kind, i.e.
+  ``select(records, "highest", score="snr", per_kind=True, ...)``.
 * ``per_kind``: the size is shared out over tensor kinds (``self_attn.q_proj``, ``mlp.down_proj``,
   ...) in proportion to each kind's candidates (their number for ``count``, their parameters for a
   parameter limit), then each kind takes its share from the top of its own ranking.
@@ -38,7 +42,8 @@ from conditune.errors import CondituneError
 from conditune.scanning.records import OK, TensorRecord
 
 POLICIES = ("lowest", "highest", "random", "threshold")
-SCORES = ("kappa", "kappa_norm", "log2_volume")
+SCORES = ("kappa", "kappa_norm", "log2_volume", "snr")
+SPECTRUM_SCORES = ("snr",)  # scores computed from a record's full spectrum, not read from a column
 DEFAULT_COUNT = 100  # the paper's N for Llama 8B
 
 _SLICE_RE = re.compile(r"^(.*)\[(\d+)\]$")
@@ -78,6 +83,37 @@ def format_params(n: int | float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{suffix}" if n / scale < 100 else f"{n / scale:.0f}{suffix}"
     return f"{int(n)}"
+
+
+def spectrum_snr(singular_values: Sequence[float], shape: Sequence[int]) -> float:
+    """Spectrum's signal-to-noise ratio of one matrix (cognitivecomputations/spectrum, ``compute_snr``).
+
+    The noise scale is sigma = IQR(S) / 1.349 and the Marchenko–Pastur edge sigma·(1 + sqrt(beta)) with
+    beta = min(m, n) / max(m, n); the singular values above the edge are signal, the others noise, and
+    snr = sum(signal S) / sum(noise S) (a noise sum of 1 when no value is noise, 0 signal when none is), returned
+    as snr / S[0] as Spectrum stores it. Quantiles interpolate linearly, as ``torch.quantile`` does."""
+    import numpy as np
+
+    s = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1]
+    if s.size == 0 or not s[0] > 0:
+        return math.nan
+    m, n = (int(shape[-2]), int(shape[-1])) if len(shape) >= 2 else (1, int(shape[0]))
+    q75, q25 = np.quantile(s, [0.75, 0.25])
+    sigma = (q75 - q25) / 1.349
+    edge = sigma * (1.0 + math.sqrt(min(m, n) / max(m, n)))
+    signal_mask = s > edge
+    signal = float(s[signal_mask].sum()) if signal_mask.any() else 0.0
+    noise = float(s[~signal_mask].sum()) if (~signal_mask).any() else 1.0
+    snr = signal / noise if noise != 0 else math.inf
+    return snr / float(s[0])
+
+
+def score_of(record: TensorRecord, score: str) -> float | None:
+    """A record's score: its column, or for ``snr`` Spectrum's ratio from its full spectrum (None without one)."""
+    if score == "snr":
+        values = record.extra.get("singular_values")
+        return spectrum_snr(values, record.matrix_shape) if values is not None and len(values) else None
+    return getattr(record, score)
 
 
 @dataclass(frozen=True)
@@ -165,6 +201,7 @@ def select(
     """
     include, exclude = list(include), list(exclude)
     _check_options(policy, score, count, budget, params, threshold)
+    _check_spectra(records, score, policy)
     asked_count = count
     param_limit = parse_params(params) if params is not None else None
     sizes = _parameter_sizes(records)
@@ -270,26 +307,27 @@ def _compile(patterns: list[str], flag: str) -> list[re.Pattern]:
 
 def _candidates(records, score, policy, sizes, include, exclude) -> list[Candidate]:
     includes, excludes = _compile(include, "--include"), _compile(exclude, "--exclude")
-    ok: dict[str, list[tuple[TensorRecord, int | None]]] = {}
+    ok: dict[str, list[tuple[TensorRecord, float | None, int | None]]] = {}
     for r in records:
         if r.status != OK:
             continue
-        if policy != "random" and not _is_number(getattr(r, score)):
+        value = score_of(r, score) if policy != "random" or score not in SPECTRUM_SCORES else None
+        if policy != "random" and not _is_number(value):
             continue
         base, index = split_slice(r.name)
         if includes and not any(p.search(base) for p in includes):
             continue
         if any(p.search(base) for p in excludes):
             continue
-        ok.setdefault(base, []).append((r, index))
+        ok.setdefault(base, []).append((r, value, index))
 
     best = max if policy == "highest" else min
     candidates = []
     for base, entries in ok.items():
-        scores = [getattr(r, score) for r, _ in entries if _is_number(getattr(r, score))]
+        scores = [v for _, v, _ in entries if _is_number(v)]
         numel, shape = sizes[base]
         first = entries[0][0]
-        slices = tuple(sorted(i for _, i in entries if i is not None))
+        slices = tuple(sorted(i for _, _, i in entries if i is not None))
         candidates.append(
             Candidate(base, first.kind, first.layer, numel, shape, best(scores) if scores else None, slices)
         )
@@ -355,6 +393,16 @@ def _take(ranked: list[Candidate], quota: int | None, by_params: bool) -> list[C
             taken.append(c)
             used += c.numel
     return taken
+
+
+def _check_spectra(records: Sequence[TensorRecord], score: str, policy: str) -> None:
+    """A spectrum score on a scan without spectra is one line that says how to get them."""
+    has_spectra = any(r.status == OK and r.extra.get("singular_values") is not None for r in records)
+    if score in SPECTRUM_SCORES and policy != "random" and not has_spectra:
+        raise CondituneError(
+            f"score {score!r} needs every matrix's singular values, and this scan has none: scan with "
+            "--spectrum full (conditune scan ... --spectrum full -o scan.csv keeps them beside the table)"
+        )
 
 
 def _nothing_selected(policy, score, threshold, param_limit, n_candidates, per_kind) -> str:

@@ -18,7 +18,11 @@ from conditune.errors import CondituneError
 from conditune.validation import require_choice, require_range
 
 ENCODER_BACKENDS = ("hf", "ct2")
-TRAINABLE_MODES = ("names", "none", "all", "lora")
+TRAINABLE_MODES = ("names", "none", "all", "lora", "osf")
+# LoRA initialisations (PEFT ``init_lora_weights``): "default" is PEFT's True; "pissa_niter_<k>" is PiSSA with k
+# subspace iterations of the fast SVD. Initialisations that need data or another config (eva, corda, loftq) are not
+# offered.
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
 CTC_READOUTS = ("adaptor", "embeddings")
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "conditune_speech_llm"
@@ -85,14 +89,30 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module regex -> rank (PEFT's rank_pattern)
     alpha_pattern: dict[str, int] = field(default_factory=dict)  # module regex -> alpha
+    # default | gaussian | pissa | pissa_niter_<k> | olora | orthogonal (PEFT init_lora_weights). Initialisations
+    # that read the base weights (PiSSA: the top singular triples, the base weight becomes the residual) run
+    # with a fixed seed, so a saved model rebuilds the same residual when it is loaded.
+    init: str = "default"
+
+
+@dataclass
+class OSFSectionConfig:
+    """PEFT's orthogonal subspace fine-tuning: each target matrix keeps its top ``effective_rank`` singular
+    directions frozen and trains the rest (U_low, S_low, V_low: r_low·(out + in + 1) parameters with
+    r_low = min(out, in) − effective_rank), its gradients projected orthogonal to the frozen subspace."""
+
+    effective_rank: Any = None  # int, or a fraction in (0, 1] of min(out, in); None: half of min(out, in)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rank_pattern: dict[str, Any] = field(default_factory=dict)  # module regex (re.search) -> effective rank
 
 
 @dataclass
 class TrainableConfig:
-    mode: str = "names"  # names | none | all | lora
+    mode: str = "names"  # names | none | all | lora | osf
     names_file: str | None = None  # one tensor name a line (conditune select output)
     names: list[str] | None = None  # alternatively given inline
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    osf: OSFSectionConfig = field(default_factory=OSFSectionConfig)
 
 
 @dataclass
@@ -162,6 +182,11 @@ class SpeechLLMConfig:
         if self.trainable.mode == "lora":
             require_range(self.trainable.lora.r, "model.trainable.lora.r", low=1, allow_none=True)
             require_range(self.trainable.lora.dropout, "model.trainable.lora.dropout", low=0, high=1, allow_none=True)
+            lora_init_option(self.trainable.lora.init)
+        if self.trainable.mode == "osf":
+            _check_osf_rank(self.trainable.osf.effective_rank, "model.trainable.osf.effective_rank")
+            for pattern, rank in (self.trainable.osf.rank_pattern or {}).items():
+                _check_osf_rank(rank, f"model.trainable.osf.rank_pattern.{pattern}")
         a = self.adaptor
         require_range(a.subsample, "model.adaptor.subsample", low=1, allow_none=True)
         require_range(a.heads, "model.adaptor.heads", low=1, allow_none=True)
@@ -171,6 +196,26 @@ class SpeechLLMConfig:
         require_choice(self.ctc.readout, "model.ctc.readout", CTC_READOUTS)
         if self.ctc.readout == "embeddings" and not self.ctc.compress:
             raise CondituneError("model.ctc.readout 'embeddings' needs model.ctc.compress: true")
+
+
+def lora_init_option(init: str) -> bool | str:
+    """``model.trainable.lora.init`` as PEFT's ``init_lora_weights`` value; one error line for an unknown one."""
+    import re
+
+    if init == "default":
+        return True
+    if init in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", str(init)):
+        return str(init)
+    raise CondituneError(
+        f"model.trainable.lora.init must be one of {', '.join(LORA_INITS)} or pissa_niter_<k>, not {init!r}"
+    )
+
+
+def _check_osf_rank(value: Any, key: str) -> None:
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    ok = ok or (isinstance(value, float) and 0 < value <= 1)
+    if not ok:
+        raise CondituneError(f"{key} must be a positive integer or a fraction in (0, 1], not {value!r}")
 
 
 def read_model_config(directory: Path) -> tuple[dict[str, Any], Path]:

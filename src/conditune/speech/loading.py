@@ -87,7 +87,10 @@ def core_model(llm: nn.Module) -> nn.Module:
 
 
 def apply_trainable(llm: nn.Module, config: SpeechLLMConfig, *, for_training: bool = True) -> nn.Module:
-    """Freeze the LLM, then unfreeze what ``config.trainable`` selects. Returns the (maybe PEFT-wrapped) LLM."""
+    """Freeze the LLM, then unfreeze what ``config.trainable`` selects. Returns the (maybe PEFT-wrapped) LLM.
+
+    Modes: ``none``, ``all``, ``names`` (the listed tensors), ``lora`` (PEFT LoRA, any ``lora.init``: PiSSA
+    rewrites each target's base weight into its residual), ``osf`` (PEFT orthogonal subspace fine-tuning)."""
     llm.requires_grad_(False)
     mode = config.trainable.mode
     if mode == "none":
@@ -97,6 +100,8 @@ def apply_trainable(llm: nn.Module, config: SpeechLLMConfig, *, for_training: bo
         return llm
     if mode == "lora":
         return _wrap_lora(llm, config)
+    if mode == "osf":
+        return _wrap_osf(llm, config)
     if mode == "names":
         if not for_training:
             return llm  # inference: the delta carries the trained values; nothing needs gradients
@@ -110,10 +115,19 @@ def apply_trainable(llm: nn.Module, config: SpeechLLMConfig, *, for_training: bo
     raise CondituneError(f"unknown trainable mode {mode!r}")
 
 
+# Initialisations that read the base weights through a randomized SVD (PiSSA's fast variant) draw their random
+# numbers from this fixed seed inside a forked RNG: a saved model (whose delta holds only the adapter matrices)
+# rebuilds the same residual base weights when it is loaded, and the run's own RNG stream is untouched.
+INIT_SEED = 1234
+
+
 def _wrap_lora(llm: nn.Module, config: SpeechLLMConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    from conditune.speech.configuration import lora_init_option
+
     lc = config.trainable.lora
+    init = lora_init_option(lc.init)
     peft_cfg = LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
@@ -123,12 +137,34 @@ def _wrap_lora(llm: nn.Module, config: SpeechLLMConfig) -> nn.Module:
         bias="none",
         rank_pattern=dict(lc.rank_pattern or {}),
         alpha_pattern=dict(lc.alpha_pattern or {}),
+        **({} if init is True else {"init_lora_weights": init}),
     )
     try:
         # LoRA's own initialisation must not shift the global RNG: the adaptor built next (and the dropout
         # masks of training) then start from the same state whatever the trainable mode, which
         # `conditune experiment` relies on to compare modes on an identical footing.
         with torch.random.fork_rng(devices=[]):
+            if init is not True:
+                torch.manual_seed(INIT_SEED)
             return get_peft_model(llm, peft_cfg)
     except ValueError as exc:
         raise CondituneError(f"LoRA: {str(exc).splitlines()[0]}") from None
+
+
+def _wrap_osf(llm: nn.Module, config: SpeechLLMConfig) -> nn.Module:
+    """PEFT OSF on ``trainable.osf.target_modules``: a deterministic SVD per matrix, in a forked RNG like LoRA."""
+    from peft import OSFConfig, get_peft_model
+
+    oc = config.trainable.osf
+    peft_cfg = OSFConfig(
+        effective_rank=oc.effective_rank,
+        target_modules=list(oc.target_modules),
+        rank_pattern=dict(oc.rank_pattern or {}) or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            return get_peft_model(llm, peft_cfg)
+    except ValueError as exc:
+        raise CondituneError(f"OSF: {str(exc).splitlines()[0]}") from None

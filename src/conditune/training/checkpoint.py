@@ -213,3 +213,20 @@ def find_model_dir(path: str | Path) -> Path:
     if latest is not None:
         return latest
     raise CondituneError(f"{path}: not a speech model, checkpoint or training output folder")
+
+
+def tensors_sha(tensors: dict[str, Any]) -> str:
+    """sha256 over named tensors (names sorted; each name, dtype, shape and raw bytes): equal exactly when every
+    tensor is bit-identical. Non-tensor values (an optimizer's step counts as numbers) are hashed by their repr."""
+    import hashlib
+
+    digest = hashlib.sha256(b"conditune-tensors-v1\n")
+    for name in sorted(tensors):
+        value = tensors[name]
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            digest.update(f"{name}\t{value!r}\n".encode())
+    return digest.hexdigest()

@@ -78,6 +78,10 @@ class TrainingConfig:
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16 (bf16 on GPU recommended)
     device: str | None = None  # None: accelerate's choice (GPU when there is one)
+    # A checkpoint taken at the end of the alignment stage (step == align_steps) of a run with the same data,
+    # seed and recipe: this run starts its main phase from it (adaptor + CTC head, their optimizer state, RNG,
+    # data position, step) with its own trainable LLM tensors. One alignment stage serves many runs.
+    init_from: str | None = None
 
 
 @dataclass
@@ -173,6 +177,8 @@ class TrainConfig:
             raise CondituneError(
                 "model.ctc.compress needs a trained CTC head: set training.align_steps and/or training.ctc_weight"
             )
+        if t.init_from is not None and not Path(t.init_from).is_dir():
+            raise CondituneError(f"training.init_from: {t.init_from} is not a checkpoint folder")
         if require_data and not d.manifests("train"):
             raise CondituneError("data.train (a manifest) is not set")
 

@@ -66,3 +66,19 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     for group in optimizer.param_groups:
         rates.setdefault("lr" if group.get("name") == "adaptor" else "llm_lr", group["lr"])
     return rates
+
+
+def scheduler_at(scheduler, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Put ``scheduler`` (and its optimizer's learning rates) where ``step`` scheduler steps from the start leave
+    them: each group at ``initial lr · factor(step)``, the value ``LambdaLR`` computes after that many steps."""
+    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    state = scheduler.state_dict()
+    state.update({"last_epoch": step, "_step_count": step + 1, "_last_lr": list(rates)})
+    scheduler.load_state_dict(state)
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+
+
+def adaptor_groups(optimizer: torch.optim.Optimizer) -> list[int]:
+    """Indices of the optimizer's adaptor groups (the adaptor and its CTC head), in order."""
+    return [i for i, group in enumerate(optimizer.param_groups) if group.get("name") == "adaptor"]

@@ -18,6 +18,14 @@ For experiments: ``eval_hook(step, model, processor)`` runs at every evaluation 
 consumed so far (kept in checkpoints), so two runs that saw the same batches in the same order have
 equal hashes. Resuming restores model, optimizer, scheduler, RNG states and the data position: the losses
 that follow are the ones an uninterrupted run would have produced.
+
+Sharing an alignment stage: ``fit(stop_at=align_steps)`` ends a run right after its alignment stage with a
+checkpoint; another run with ``training.init_from: <that checkpoint>`` starts its main phase from it (the
+adaptor and CTC head, their optimizer state, the RNG states, the data position and the step counter) with its own
+trainable LLM tensors, which get no gradient in the alignment stage and so have no optimizer state there: its
+losses are those of the same run with its own alignment stage. Every run logs a ``main_start`` record with
+hashes of the adaptor state and of its optimizer state its main phase starts from, so runs that share an
+alignment stage can be checked to have started from the same one.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from conditune.errors import CondituneError
 from conditune.io import atomic_write_json, atomic_write_text
 from conditune.training import checkpoint as ckpt
 from conditune.training.config import TrainConfig, load_train_config
-from conditune.training.optim import build_optimizer, build_scheduler, learning_rates
+from conditune.training.optim import adaptor_groups, build_optimizer, build_scheduler, learning_rates, scheduler_at
 from conditune.training.progress import METRICS_NAME, MetricsLog, ProgressBar
 
 FINAL_DIR = "final"
@@ -61,6 +69,7 @@ class TrainResult:
     trainable_params: int = 0  # adaptor + CTC head + LLM
     trainable_llm_params: int = 0
     data_sha: str = ""
+    main_start: dict[str, Any] = field(default_factory=dict)  # the adaptor hashes the main phase started from
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +89,7 @@ class TrainResult:
             "trainable_params": self.trainable_params,
             "trainable_llm_params": self.trainable_llm_params,
             "data_sha": self.data_sha,
+            "main_start": self.main_start,
         }
 
 
@@ -144,6 +154,8 @@ class Trainer:
             self.resume(resume_from)
         elif self.is_main and (self.out / METRICS_NAME).exists():
             self.metrics.truncate_after(0)
+        if resume_from is None and t.init_from is not None:
+            self.init_from(Path(t.init_from))
         self.config_yaml = self.config.to_yaml()
         if self.is_main:
             atomic_write_text(self.out / "train_config.yaml", self.config_yaml)
@@ -269,6 +281,71 @@ class Trainer:
         self.log(f"resumed from {checkpoint} at step {self.state.step} (epoch {self.state.epoch}, "
                  f"batch {self.state.batch_index})")  # fmt: skip
 
+    def init_from(self, checkpoint: Path) -> None:
+        """Start the main phase from another run's alignment-stage checkpoint (``training.init_from``): its adaptor
+        and CTC head, their optimizer state, the RNG states, the data position and the step; this run's own
+        trainable LLM tensors (untouched by an alignment stage) stay as built."""
+        saved = ckpt.read_trainer_state(checkpoint)
+        check_shared_alignment(checkpoint, saved, self.config)
+        self.model.load_trained_state(checkpoint)
+        self.load_adaptor_optimizer(ckpt.load_torch(checkpoint / "optimizer.pt"), checkpoint)
+        step = int(saved["step"])
+        scheduler_at(self.scheduler, self.optimizer, step)
+        self.state = TrainerState(
+            step=step,
+            epoch=int(saved["epoch"]),
+            batch_index=int(saved["batch_index"]),
+            tokens_seen=int(saved.get("tokens_seen", 0)),
+            data_sha=str(saved.get("data_sha", "")),
+        )
+        ckpt.set_rng_state(ckpt.load_torch(checkpoint / "rng.pt"))
+        self.init_source = str(checkpoint)
+        self.log(f"main phase starts from the alignment stage in {checkpoint} (step {step})")
+
+    def load_adaptor_optimizer(self, saved: dict[str, Any], checkpoint: Path) -> None:
+        """The saved optimizer's groups (all adaptor groups, an LLM-frozen run) into this optimizer's adaptor
+        groups, in order; the LLM groups keep their empty state."""
+        current = self.optimizer.state_dict()
+        mine = adaptor_groups(self.optimizer)
+        theirs = saved["param_groups"]
+        if [g.get("name") for g in theirs] != ["adaptor"] * len(theirs) or len(theirs) != len(mine):
+            raise CondituneError(
+                f"training.init_from: {checkpoint} is not an alignment-stage checkpoint of this recipe "
+                "(its optimizer holds other parameter groups than this run's adaptor)"
+            )
+        state = {}
+        for group_index, group in zip(mine, theirs):
+            ours = current["param_groups"][group_index]["params"]
+            params = self.optimizer.param_groups[group_index]["params"]
+            if len(ours) != len(group["params"]):
+                raise CondituneError(
+                    f"training.init_from: {checkpoint}: the adaptor's parameters differ from this run's"
+                )
+            for k, (own, other) in enumerate(zip(ours, group["params"])):
+                entry = saved["state"].get(other)
+                if entry is None:
+                    continue
+                if "exp_avg" in entry and tuple(entry["exp_avg"].shape) != tuple(params[k].shape):
+                    raise CondituneError(
+                        f"training.init_from: {checkpoint}: the adaptor's shapes differ from this run's"
+                    )
+                state[own] = entry
+        self.optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+    def main_start_record(self) -> dict[str, Any]:
+        """Hashes of the adaptor (with its CTC head) and of its optimizer state as the main phase starts."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        adaptor = {n: p for n, p in self.model.named_parameters() if n.startswith("adaptor.") and p.requires_grad}
+        moments = {f"{n}/{k}": v for n, p in adaptor.items() for k, v in opt.state.get(p, {}).items()}
+        return {
+            "kind": "main_start",
+            "step": self.state.step,
+            "adaptor_sha": ckpt.tensors_sha(self.model.adaptor.state_dict()),
+            "adaptor_optimizer_sha": ckpt.tensors_sha(moments),
+            "data_sha": self.state.data_sha,
+            "init_from": getattr(self, "init_source", None),
+        }
+
     # ------------------------------------------------------------------ one step
 
     def next_batch(self) -> list[int]:
@@ -391,20 +468,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, *, stop_after_steps: int | None = None) -> TrainResult:
+    def fit(self, *, stop_after_steps: int | None = None, stop_at: int | None = None) -> TrainResult:
         """Train to ``training.max_steps`` (or the time budget), then evaluate, checkpoint and save ``final/``.
 
         ``stop_after_steps``: end after this many steps of this invocation *without* saving anything (a
-        simulated kill, for tests); the schedule still spans ``max_steps``."""
+        simulated kill, for tests); the schedule still spans ``max_steps``. ``stop_at``: end once the run has
+        reached this step, with a checkpoint there and no evaluation or ``final/`` (``stop_at=align_steps``: an
+        alignment stage other runs start from through ``training.init_from``)."""
         result = self._new_result()
         self.batches = self.epoch_batches(self.state.epoch)
         self.wrapped.train()
         timer = _StepTimer()
         last_saved = self.state.step if self.resumed else -1
-        with ProgressBar(self.config.output.progress and self.is_main, "train", self.total_steps,
+        self._end = self.total_steps if stop_at is None else min(self.total_steps, stop_at)
+        with ProgressBar(self.config.output.progress and self.is_main, "train", self._end,
                          completed=self.state.step, fields={"loss": "-"}) as bar:  # fmt: skip
-            while self.state.step < self.total_steps:
+            while self.state.step < self._end:
                 aligning = self.state.step < self.config.training.align_steps
+                if self.state.step == self.config.training.align_steps and not result.main_start:
+                    self._log_main_start(result)  # the state the main phase starts from
                 with timer.step(aligning):
                     loss, tokens = self.train_step()
                 self._after_step(loss, tokens, aligning, timer, bar)
@@ -415,7 +497,11 @@ class Trainer:
                     last_saved = self.state.step
         timer.fill(result)
         result.step, result.data_sha = self.state.step, self.state.data_sha
-        if result.stopped == "stop_after_steps":  # a simulated kill: nothing more is written
+        if result.stopped == "max_steps" and self._end < self.total_steps:
+            result.stopped = "stop_at"
+        if result.stopped in ("stop_after_steps", "stop_at"):  # a simulated kill writes nothing more
+            if result.stopped == "stop_at" and last_saved != self.state.step:
+                self.save_checkpoint()
             self.metrics.close()
             result.elapsed_s = time.monotonic() - self.wall_start
             return result
@@ -431,6 +517,12 @@ class Trainer:
             f"stopped at step {self.state.step}/{self.total_steps} ({result.stopped}); model in {result.final_dir}"
         )
         return result
+
+    def _log_main_start(self, result: TrainResult) -> None:
+        record = self.main_start_record()
+        result.main_start = {k: v for k, v in record.items() if k != "kind"}
+        if self.is_main:
+            self.metrics.write(record)
 
     def _new_result(self) -> TrainResult:
         self._last_eval, self._saved_now, self._window = None, False, [0.0, 0]
@@ -474,7 +566,7 @@ class Trainer:
         """Evaluate / checkpoint on schedule; True when the run ends here before ``total_steps``."""
         step, t, o = self.state.step, self.config.training, self.config.output
         self._saved_now = False
-        if step >= self.total_steps:
+        if step >= self._end:
             return False
         if stop_after_steps is not None and run_steps >= stop_after_steps:
             result.stopped = "stop_after_steps"
@@ -521,13 +613,15 @@ def train(
     *,
     resume: bool | str | Path = False,
     stop_after_steps: int | None = None,
+    stop_at: int | None = None,
     log: Callable[[str], None] | None = None,
     eval_hook: Callable[[int, Any, Any], dict[str, Any] | None] | None = None,
     llm=None,
 ) -> TrainResult:
     """Train (or resume training) a speech LLM as ``config`` says; see the module docstring.
 
-    ``resume``: True for the latest checkpoint in ``output.dir``, or a checkpoint folder.
+    ``resume``: True for the latest checkpoint in ``output.dir``, or a checkpoint folder. ``stop_at``: end at that
+    step with a checkpoint (see :meth:`Trainer.fit`).
     ``eval_hook(step, model, processor)``: extra metrics (a flat dict of numbers) at every evaluation, written into
     the same ``eval`` record of ``metrics.jsonl`` (``model``: the unwrapped :class:`~conditune.speech.modeling.SpeechLLM`).
     """
@@ -536,7 +630,48 @@ def train(
     trainer = Trainer(config, log=log, eval_hook=eval_hook, llm=llm)
     with cleaned_up_on_failure(trainer.out):
         trainer.setup(resume=resume)
-        return trainer.fit(stop_after_steps=stop_after_steps)
+        return trainer.fit(stop_after_steps=stop_after_steps, stop_at=stop_at)
+
+
+# What may differ between a run and the alignment stage it starts from (training.init_from): nothing the alignment
+# stage computes with. Everything else in the recipe must be equal.
+SHARED_ALIGNMENT_FREE = ("model.trainable", "training.max_steps", "training.max_seconds", "training.init_from",
+                         "training.device", "training.ctc_weight", "optimizer.llm_lr", "evaluation", "output")  # fmt: skip
+
+
+def check_shared_alignment(checkpoint: Path, saved: Mapping[str, Any], config: TrainConfig) -> None:
+    """One error line unless ``checkpoint`` ends the alignment stage of a run with this run's recipe."""
+    from conditune.config import read_yaml
+
+    if int(saved.get("step", -1)) != config.training.align_steps or not config.training.align_steps:
+        raise CondituneError(
+            f"training.init_from: {checkpoint} is at step {saved.get('step')}, not at the end of this run's "
+            f"alignment stage (training.align_steps = {config.training.align_steps})"
+        )
+    if (Path(checkpoint) / "llm_delta").exists():
+        raise CondituneError(f"training.init_from: {checkpoint} holds trained LLM tensors (share only a run of "
+                             "model.trainable.mode none)")  # fmt: skip
+    theirs = flat_keys(load_train_config(read_yaml(Path(checkpoint) / "train_config.yaml")).to_dict())
+    ours = flat_keys(config.to_dict())
+    for key in sorted(set(theirs) | set(ours)):
+        if any(key == free or key.startswith(free + ".") for free in SHARED_ALIGNMENT_FREE):
+            continue
+        if theirs.get(key) != ours.get(key):
+            raise CondituneError(
+                f"training.init_from: {checkpoint} was trained with {key} = {theirs.get(key)!r}, this run has "
+                f"{ours.get(key)!r}: its alignment stage is not this run's"
+            )
+
+
+def flat_keys(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and other values kept whole)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def make_accelerator(mixed_precision: str, cpu: bool, find_unused: bool = False):

@@ -1,0 +1,132 @@
+"""The experiment's figures: WER over steps (the paper's Figure 1 form, with the long-horizon pair), forgetting
+over steps, and final WER against forgetting with the Pareto front."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from conditune.io import save_figure
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def series(runs: dict, arm: str, seeds: list[int], metric: str):
+    """(steps, mean, std) of ``metric`` over the seeds of ``arm`` in ``runs`` ((arm, seed) -> run)."""
+    import numpy as np
+
+    by_step = defaultdict(list)
+    for s in seeds:
+        run = runs.get((arm, s))
+        if run is None:
+            continue
+        for step, rec in run["evals"].items():
+            if _num(rec.get(metric)):
+                by_step[step].append(float(rec[metric]))
+    steps = sorted(by_step)
+    means = np.array([np.mean(by_step[k]) for k in steps])
+    stds = np.array([np.std(by_step[k], ddof=1) if len(by_step[k]) > 1 else 0.0 for k in steps])
+    return np.array(steps), means, stds
+
+
+def make_plots(output: Path, runs, arms, seeds, langs, *, long_runs=None, long_arms=(), long_seeds=(),
+               pareto=None) -> list[str]:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {arm: plt.get_cmap("tab20")(i % 20) for i, arm in enumerate(dict.fromkeys([*arms, *long_arms]))}
+    written = []
+
+    def panel(ax, metric, title, source=runs, which=arms, chosen=seeds, dashed=False):
+        for arm in which:
+            x, m, s = series(source, arm, chosen, metric)
+            if not len(x):
+                continue
+            ax.plot(x, m, marker="o", ms=3, label=arm + (" (long)" if dashed else ""), color=colors[arm],
+                    linestyle="--" if dashed else "-")  # fmt: skip
+            ax.fill_between(x, m - s, m + s, color=colors[arm], alpha=0.15)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+
+    def save(fig, name):
+        save_figure(fig, output / name, dpi=110)
+        written.append(str(output / name))
+
+    panels = [("wer_all", "dev WER, all (%)")] + [(f"wer_{l}", f"dev WER, {l} (%)") for l in langs]
+    extra = 1 if long_runs else 0
+    fig, axes = plt.subplots(1, len(panels) + extra, figsize=(4.6 * (len(panels) + extra), 3.8), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels):
+        panel(ax, metric, title)
+    if long_runs:
+        ax = axes[0][-1]
+        panel(ax, "wer_all", "long horizon: dev WER, all (%)", long_runs, long_arms, list(long_seeds), dashed=True)
+        ax.legend(fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("WER over steps (mean ± std over seeds; the paper's Figure 1 form)")
+    save(fig, "wer_over_steps.png")
+
+    fpanels = [
+        ("kl", "KL(base‖adapted), nats/token"),
+        ("ppl_change", "perplexity change (adapted/base − 1)"),
+        ("agreement", "greedy agreement with base"),
+        ("knowledge_change", "knowledge accuracy change (adapted − base)"),
+    ]
+    fpanels = [p for p in fpanels if any(_num(r["evals"][k].get(p[0])) for r in runs.values() for k in r["evals"])]
+    fig, axes = plt.subplots(1, max(1, len(fpanels)), figsize=(4.6 * max(1, len(fpanels)), 3.8), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], fpanels):
+        panel(ax, metric, title)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("Forgetting of the LLM over steps (mean ± std over seeds)")
+    save(fig, "forgetting_over_steps.png")
+
+    save(pareto_figure(plt, runs, arms, seeds, colors, pareto or []), "wer_vs_forgetting.png")
+    return written
+
+
+def final_points(runs, arm: str, seeds: list[int]) -> list[tuple[float, float]]:
+    """(KL, WER) at each seed's last evaluation."""
+    pts = []
+    for s in seeds:
+        run = runs.get((arm, s))
+        if run is None or not run["evals"]:
+            continue
+        rec = run["evals"][max(run["evals"])]
+        if _num(rec.get("kl")) and _num(rec.get("wer_all")):
+            pts.append((float(rec["kl"]), float(rec["wer_all"])))
+    return pts
+
+
+def pareto_figure(plt, runs, arms, seeds, colors, front: list[str]) -> Any:
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.2, 4.6))
+    means = {}
+    for arm in arms:
+        pts = final_points(runs, arm, seeds)
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        means[arm] = (float(np.mean(xs)), float(np.mean(ys)))
+        ax.scatter(xs, ys, s=14, alpha=0.45, color=colors[arm])
+        ax.errorbar([means[arm][0]], [means[arm][1]], xerr=[np.std(xs, ddof=1) if len(xs) > 1 else 0],
+                    yerr=[np.std(ys, ddof=1) if len(ys) > 1 else 0], fmt="o", ms=7, color=colors[arm],
+                    label=arm + (" ★" if arm in front else ""), capsize=3,
+                    markeredgecolor="black" if arm in front else None)  # fmt: skip
+    on_front = [means[a] for a in front if a in means]
+    if len(on_front) > 1:
+        xs, ys = zip(*sorted(on_front))
+        ax.step(xs, ys, where="post", color="black", linewidth=1, alpha=0.6, label="Pareto front")
+    ax.set_xlabel("KL(base‖adapted) on held-out text, nats/token (less = less forgetting)")
+    ax.set_ylabel("final dev WER, all (%)")
+    ax.set_title("Final WER vs forgetting (dots: seeds; markers: mean ± std; ★ Pareto front)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+    return fig
