@@ -72,13 +72,15 @@ def gram_factor(view: MatrixView, bits: int) -> Factor | None:
     chol_t, info = torch.linalg.cholesky_ex(torch.from_numpy(g))
     if int(info) != 0:
         return None
-    chol = chol_t.numpy()
-    log2_volume = float(np.sum(np.log2(np.diagonal(chol).astype(np.float64))))
+    # U = L^T as a Fortran-ordered view: LAPACK reads it in place (a C-ordered L would be copied per solve)
+    upper = chol_t.numpy().T
+    log2_volume = float(np.sum(np.log2(np.diagonal(upper).astype(np.float64))))
     if not math.isfinite(log2_volume):
         return None
 
     def solve(x: np.ndarray) -> np.ndarray:
-        return sla.cho_solve((chol, True), x.astype(chol.dtype), check_finite=False).astype(np.float64, copy=False)
+        y = sla.solve_triangular(upper, x.astype(upper.dtype), lower=False, trans="T", check_finite=False)
+        return sla.solve_triangular(upper, y, lower=False, check_finite=False).astype(np.float64, copy=False)
 
     def top(x: np.ndarray) -> np.ndarray:
         return (g @ x.astype(g.dtype, copy=False)).astype(np.float64, copy=False)
@@ -103,13 +105,11 @@ def lu_factor(view: MatrixView, bits: int) -> Factor | None:
         y = sla.lu_solve(factors, x.astype(lu.dtype), trans=1, check_finite=False)
         return sla.lu_solve(factors, y, check_finite=False).astype(np.float64, copy=False)
 
-    def top(x: np.ndarray) -> np.ndarray:
-        if bits == 32:
-            return view.normal_matvec32(x)
-        return view.rmatmat(view.matmat(x.reshape(-1, 1)))[:, 0]
-
     n = view.n
-    return Factor(f"lu{bits}", log2_volume, solve, top, route_flops("lu", n, n), _eps(bits), bits == 64)
+    # sigma_max needs no factorisation: Lanczos on T^T T in float32 (refined against T afterwards)
+    return Factor(
+        f"lu{bits}", log2_volume, solve, view.normal_matvec32, route_flops("lu", n, n), _eps(bits), bits == 64
+    )
 
 
 def qr_factor(view: MatrixView) -> Factor | None:

@@ -195,7 +195,7 @@ _ROUTE_NAMES = {"gram": "{name}+lanczos", "lu": "{name}-shift-invert", "qr": "{n
 def _ladder_estimate(view: MatrixView) -> tuple | None:
     """(sigma_max, sigma_min, bound, factor, method, flops by precision) from the first rung whose
     bound is small enough (else the last that ran; None if no factorisation existed)."""
-    top = bottom = None
+    top = bottom = top_lanczos = None
     best = None
     flops = {32: 0.0, 64: 0.0}
     for make in _ladder(view):
@@ -204,8 +204,16 @@ def _ladder_estimate(view: MatrixView) -> tuple | None:
             continue
         flops[32 if factor.eps > 1e-10 else 64] += factor.flops
         if top is None:
-            top = lanczos_block(factor.top, view.n).vectors
+            top_lanczos = lanczos_block(factor.top, view.n)
+            top = top_lanczos.vectors
         inverse = lanczos_block(factor.inverse_matvec, view.n, start=None if bottom is None else bottom[:, 0])
+        if (
+            best is None
+            and top_lanczos is not None
+            and not _volume_is_accurate(factor, math.sqrt(top_lanczos.values[0] * inverse.values[0]))
+        ):
+            bottom = inverse.vectors  # this rung's kappa estimate already rules it out: no refinement
+            continue
         refined = refine(
             view, top, inverse.vectors, factor.solve, target=REFINE_TARGET, max_iterations=MAX_REFINE_STEPS
         )
