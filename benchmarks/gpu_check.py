@@ -374,7 +374,7 @@ def write_checkpoint(folder: Path, cfg: dict, device: str, shard_bytes: int) -> 
     }
 
 
-def part_checkpoint(args, device: str, work: Path) -> dict:
+def part_checkpoint(args, device: str, work: Path, budget: Budget) -> dict:
     from conditune.scanning import scan_source, write_records
     from scan_checkpoint import LLAMA3_8B
 
@@ -388,7 +388,23 @@ def part_checkpoint(args, device: str, work: Path) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = perf_counter()
-    records, meta = scan_source(folder, device=device, cache=False)
+    done = {"tensors": 0, "cost": 0.0, "total": 0.0}
+
+    def progress(cost_done: float, cost_total: float, name) -> None:
+        done.update(tensors=done["tensors"] + (cost_done > done["cost"]), cost=cost_done, total=cost_total)
+        if budget.left() < 10:  # stop in time to report: how far it got tells the full time
+            raise TimeoutError(
+                f"budget reached after {done['tensors']} tensors ({cost_done / cost_total:.0%} of the work)"
+            )
+
+    try:
+        records, meta = scan_source(folder, device=device, cache=False, progress=progress)
+    except TimeoutError as stop:
+        out["stopped"] = str(stop)
+        out["scan_seconds_so_far"] = perf_counter() - start
+        out["scan_seconds_extrapolated"] = out["scan_seconds_so_far"] * done["total"] / max(done["cost"], 1.0)
+        shutil.rmtree(folder, ignore_errors=True)
+        return out
     out["scan_seconds"] = perf_counter() - start
     if device.startswith("cuda"):
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / GiB
@@ -496,9 +512,10 @@ def main(argv=None) -> int:
             try:
                 if part == "block":
                     results[part] = part_block(args, device)
+                elif part == "train":
+                    results[part] = part_train(args, device, Path(tmp))
                 else:
-                    fn = part_train if part == "train" else part_checkpoint
-                    results[part] = fn(args, device, Path(tmp))
+                    results[part] = part_checkpoint(args, device, Path(tmp), budget)
             except Exception:  # noqa: BLE001 - every part reports, the next still runs
                 results[part] = {"error": traceback.format_exc(limit=8)}
                 status = 1
