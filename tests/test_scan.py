@@ -97,7 +97,7 @@ def test_rank_deficient_falls_back_to_svd(shape):
 
 
 def test_chunked_matrix_equals_whole(monkeypatch):
-    from conditune.scanning.matrix import MatrixView
+    from conditune.scanning.matrix import MatrixProblem, MatrixView
 
     for w in (torch.from_numpy(prescribed((1500, 400), 50.0)).float(), torch.from_numpy(prescribed((400, 1500), 3e3))):
         whole = analyse_matrix(w)
@@ -105,6 +105,10 @@ def test_chunked_matrix_equals_whole(monkeypatch):
             patch.setattr(MatrixView, "KEEP_BYTES", 0)
             patch.setattr(MatrixView, "CHUNK_BYTES", 8 * 400 * 128)  # 128-row chunks
             chunked = analyse_matrix(w)
+            bad = w.clone()
+            bad[-1, -1] = float("nan")  # in the last chunk
+            with pytest.raises(MatrixProblem, match="1 NaN/Inf"):
+                MatrixView(bad).frobenius()
         # the same route (whether refinement steps ran can differ with the rounding of the chunked sums)
         assert chunked.method.removesuffix("+davidson") == whole.method.removesuffix("+davidson")
         # both are within their own error bounds of the truth, so within the sum of each other

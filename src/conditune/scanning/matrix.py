@@ -140,8 +140,11 @@ class MatrixView:
         """||T||_F in float64; :class:`MatrixProblem` for NaN/Inf (counted) and all-zero matrices."""
         # NaN/Inf propagate into the norm (squares of finite bf16/fp16/fp32 values cannot overflow
         # float64), so the costly count runs only for a bad matrix.
-        source = self.stored(torch.float64) if self.kept else self.storage  # the kept copy is needed anyway
-        norm = float(torch.linalg.vector_norm(source, dtype=torch.float64))
+        if self.kept:  # the kept copy is needed anyway
+            norm = float(torch.linalg.vector_norm(self.stored(torch.float64)))
+        else:  # chunk by chunk: a dtype=float64 norm of the whole tensor upcasts all of it at once
+            squares = sum(float(torch.linalg.vector_norm(c) ** 2) for _, _, c in self.chunks())
+            norm = math.sqrt(squares)
         if not math.isfinite(norm):
             bad = int((~torch.isfinite(self.storage)).sum())
             raise MatrixProblem(f"{bad} NaN/Inf values" if bad else "values too large for float64 products")

@@ -10,10 +10,9 @@
    when the rest of the spectrum is at least ``gap`` (relative) away (Kato-Temple; the gap comes
    from the neighbouring Ritz value less its own residual, so that part is an estimate). The
    relative error on sigma is half that on theta.
-3. While the bound exceeds the target, the subspace grows by the preconditioned residuals
-   (block Davidson / LOBPCG: the factorisation's solve applied to the residuals of the bottom
-   pairs, plain residuals for the top pairs) and the previous Ritz vectors, and step 2 repeats.
-   With a factorisation accurate to eps * kappa^q each step gains about that factor.
+3. While the bound exceeds the target, the subspace grows (block Davidson) by the residuals of the
+   top pairs, an inverse-iteration step through the factorisation for the bottom pairs, and the
+   previous Ritz vectors, and step 2 repeats.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from conditune.scanning.spectrum import SMALL_WORK, MatrixProblem, analyse_matri
 from conditune.theory.quantities import effective_rank, entropy_bits, kappa_random, stable_rank
 
 # Bump when the numbers a scan produces change, so old cache entries are not reused.
-SCAN_FORMAT = 1
+SCAN_FORMAT = 2
 
 
 @dataclass

@@ -6,15 +6,15 @@ itself in float64. :func:`analyse_matrix` picks a route per matrix (the record's
 ``svd``
     LAPACK float64 SVD of the whole matrix: small matrices (min side <= ``SMALL_SIDE``), the full
     spectrum, and the fallback for (near) rank-deficient matrices.
-``gram32+lanczos`` (rectangular), ``lu32-shift-invert`` (square), then ``gram64+lanczos``,
-``lu64-shift-invert``, ``qr64-shift-invert``
-    A precision ladder of factorisations (:mod:`conditune.scanning.factor`): the short side's
-    Gram matrix and its Cholesky factor, or an LU of a square matrix (which does not square kappa),
-    in float32 first, float64 next, a Householder QR last. Lanczos (ARPACK) on the factor's
-    operators gives Ritz vectors at both ends; they are refined against the matrix in float64 with
-    residual error bounds (:mod:`conditune.scanning.ritz`). ``+davidson`` in the name: the Lanczos
-    vectors of the (float32) factor were not accurate enough, and preconditioned refinement steps ran.
-    A rung is accepted when its bound is at most ``GRAM_REL_ERR_LIMIT``; else the next one runs.
+``gram32+lanczos``, ``gram64+lanczos`` (rectangular), ``lu64-shift-invert`` (square), ``qr64-shift-invert``
+    A precision ladder of factorisations (:mod:`conditune.scanning.factor`): the short side's Gram
+    matrix and its Cholesky factor (in float32 first where the shape makes a small kappa likely, then
+    in float64), or an LU of a square matrix (which does not square kappa), a Householder QR last.
+    Lanczos (ARPACK) on the factor's operators gives Ritz vectors at both ends; they are refined
+    against the matrix in float64 with residual error bounds (:mod:`conditune.scanning.ritz`).
+    ``+davidson`` in the name: refinement steps ran. A rung is accepted when its bound is at most
+    ``GRAM_REL_ERR_LIMIT`` (and, for a Gram matrix, eps * kappa^2 <= ``GRAM_VOLUME_LIMIT``); else the
+    next one runs. docs/scan.md has the details and the measurements behind the choices.
 
 ``kappa_rel_err`` adds the refinement bounds of sigma_max and sigma_min and the backward error of
 float64 work on the matrix (:func:`backward_error_bound`).
