@@ -22,11 +22,11 @@ from conditune import __version__
 from conditune.scanning.cache import ScanCache, cache_key
 from conditune.scanning.records import FLAGGED, SKIPPED, TensorRecord
 from conditune.scanning.sources import TensorInfo, TensorSource, iter_matrices, open_source
-from conditune.scanning.spectrum import MatrixProblem, analyse_matrix
+from conditune.scanning.spectrum import SMALL_WORK, MatrixProblem, analyse_matrix, matrix_work, single_threaded_blas
 from conditune.theory.quantities import effective_rank, entropy_bits, kappa_random, stable_rank
 
 # Bump when the numbers a scan produces change, so old cache entries are not reused.
-SCAN_FORMAT = 1
+SCAN_FORMAT = 2
 
 
 @dataclass
@@ -149,12 +149,11 @@ def _records_for(info: TensorInfo, by_name: dict[str, TensorRecord]) -> list[Ten
 
 
 def work_cost(info: TensorInfo) -> float:
-    """Rough flop count of the fast path (m n^2 for the Gram matrix), for balancing and ETA."""
+    """Flop count of the route each matrix most likely takes, for balancing, batching and ETA."""
     if len(info.shape) < 2:
         return 0.0
-    (rows, cols), count = matrix_layout(info)
-    small, big = sorted((rows, cols))
-    return float(count * (big * small**2 + small**3))
+    shape, count = matrix_layout(info)
+    return count * matrix_work(shape)
 
 
 def assign_work(infos: list[TensorInfo], world: int) -> list[list[TensorInfo]]:
@@ -167,12 +166,6 @@ def assign_work(infos: list[TensorInfo], world: int) -> list[list[TensorInfo]]:
         loads[target] += work_cost(info)
     order = {info.name: k for k, info in enumerate(infos)}
     return [sorted(share, key=lambda i: order[i.name]) for share in shares]
-
-
-# Matrices below this many fast-path flops are analysed several at a time with single-threaded BLAS;
-# above it, one at a time with all BLAS threads. (Multi-threaded BLAS on small matrices mostly
-# spins, and collapses when the machine is busy.)
-SMALL_WORK = 2e9
 
 
 def _scan_tensors(
@@ -191,10 +184,8 @@ def _scan_tensors(
     small = [i for i in infos if device == "cpu" and work_cost(i) < SMALL_WORK]
     large = [i for i in infos if i not in set(small)]
     out: list[TensorRecord] = []
-    if small:
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    if small:  # several at a time, each with single-threaded BLAS (see spectrum.SMALL_WORK)
+        with single_threaded_blas(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             for records in pool.map(lambda info: run(info, src.load(info.name)), small):
                 out.extend(records)
     # Large ones: read the next tensor (or dequantise it) while the current one is analysed.
