@@ -208,6 +208,7 @@ def test_demo_end_to_end_real_models(tmp_path, monkeypatch):
             "--align-steps",
             "3",
             "--quiet",
+            "demo.whisper_reference=true",  # off by default (its cost); the reference row is covered here
         ]
     )
     assert rc == 0

@@ -422,7 +422,8 @@ def test_bf16_autocast_and_lora_train(assets, tmp_path):
     )
     result = train(cfg)
     assert result.step == 3 and all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
-    record = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    lines = (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()
+    record = next(r for r in map(json.loads, lines) if r["kind"] == "train")
     assert record["lr"] > 0 and record["llm_lr"] > 0
     delta = json.loads((result.final_dir / "llm_delta" / "delta.json").read_text())
     assert delta["names"] and all("lora_" in n for n in delta["names"])
@@ -561,7 +562,9 @@ def test_augmented_copies_can_take_the_originals_place(assets, tmp_path):
     result = train(cfg)
     assert result.train_utterances == 4  # each utterance once, as its augmented copy
     records = [json.loads(x) for x in (tmp_path / "aug" / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["data_sha"]  # the batches name the copies: path#aug-<params>
+    assert next(r for r in records if r["kind"] == "train")[
+        "data_sha"
+    ]  # the batches name the copies: path#aug-<params>
 
 
 def test_a_learned_ctc_table_trains_saves_and_loads(assets, tmp_path):
