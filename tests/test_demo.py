@@ -169,6 +169,11 @@ def test_report_and_plots(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "12.5 [8.0, 17.0]" in text and "a \\| b" in text and "∅" in text and "Whisper base" in text
     assert "main_step 1.2" in text and "3 alignment + 5 main steps" in text
+    assert "benchmarks/whisper_reference.py" not in text  # the reference row is there
+    del ev["sets"]["test"]["whisper"]
+    write_report(tmp_path / "report.md", metrics, ev, {"cpu": "x", "cores": 2})
+    text = (tmp_path / "report.md").read_text()
+    assert "own decoder (reference)" not in text and "benchmarks/whisper_reference.py" in text
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -280,7 +280,8 @@ def _run_stages(cfg: DemoConfig, output: Path, con: Console) -> DemoResult:
     con.stage("train", f"adaptor + {len(selection.chosen)} tensors: {t.align_steps} alignment + {t.max_steps} main steps"
               + (f", stopping by {clock(t.max_seconds)}" if t.max_seconds else ""))  # fmt: skip
     result = _train(con, cfg, train_cfg)
-    con.stage("evaluate", "test and held-out-voice WER (with Whisper's decoder beside), forgetting on general text")
+    beside = " (with Whisper's decoder beside)" if cfg.demo.whisper_reference else ""
+    con.stage("evaluate", f"test and held-out-voice WER{beside}, forgetting on general text")
     ev = stage_evaluate(con, result.final_dir, train_cfg, speech, cfg.demo)
     con.stage("report", f"metrics.json, report.md, training.png, kappa_selected.png in {output}")
     metrics = _metrics(cfg, train_cfg, result, ev, selection, speeds, plan, con, setup_seconds, misses)

@@ -37,6 +37,13 @@ def _cell(text: str, width: int = 140) -> str:
     return text.replace("|", "\\|") or "∅"
 
 
+def _reference_hint(ev: dict[str, Any]) -> str:
+    if any(s.get("whisper") for s in ev["sets"].values()):
+        return ""
+    return (" Whisper base's own decoder on the same audio (the reference row): `demo.whisper_reference=true`, "
+            "or `benchmarks/whisper_reference.py`.")  # fmt: skip
+
+
 def _wer_rows(ev: dict[str, Any]) -> list[str]:
     rows = ["| audio | model | English | German | all | utterances |", "|---|---|---|---|---|---|"]
     for name, s in ev["sets"].items():
@@ -102,7 +109,7 @@ def write_report(path: Path, metrics: dict[str, Any], ev: dict[str, Any], machin
         *_wer_rows(ev),
         "",
         "Synthetic open-vocabulary speech, sentences never trained on; Whisper-normalised text in spoken form. The "
-        "held-out voice speaks the test sentences and no training utterance.",
+        "held-out voice speaks the test sentences and no training utterance." + _reference_hint(ev),
         "",
         "## Forgetting: the LLM alone on general text that was never spoken",
         "",
