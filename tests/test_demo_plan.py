@@ -56,3 +56,18 @@ def test_capped_data_trains_longer_and_too_little_time_is_none():
     )
     assert capped.main_steps * 8 > 2 * 500  # more than one pass when the pool is small
     assert plan_budget(200.0, SPEEDS, **SETTINGS) is None
+
+
+def test_training_may_use_the_time_the_data_stage_left_but_not_the_evaluation_reserve(tmp_path):
+    from conditune.recipes.demo import budget_overrides, load_demo_config
+
+    cfg = load_demo_config()
+    plan = plan_budget(1500.0, SPEEDS, **SETTINGS)
+    kw = dict(speech={"train": tmp_path / "t.jsonl", "dev": tmp_path / "d.jsonl"}, names_file=tmp_path / "n.txt",
+              plan=plan, output=tmp_path)  # fmt: skip
+    assert budget_overrides(cfg, **kw)["training.max_seconds"] == plan.train_seconds
+    faster = budget_overrides(cfg, **kw, seconds_left=plan.train_seconds + plan.reserve_seconds + 300)
+    assert faster["training.max_seconds"] == int(plan.train_seconds + 300)  # the data stage was 5 min quicker
+    late = budget_overrides(cfg, **kw, seconds_left=plan.reserve_seconds + 10)
+    assert late["training.max_seconds"] == 60  # a minute at least, whatever is left
+    assert faster["training.max_steps"] == plan.main_steps and faster["training.align_steps"] == plan.align_steps

@@ -214,8 +214,11 @@ def stage_scan(con: Console, llm_path: Path, count: int, names_file: Path, progr
 
 
 def budget_overrides(cfg: DemoConfig, *, speech: dict[str, Path], names_file: Path, plan: DemoPlan | None,
-                     output: Path) -> dict[str, Any]:  # fmt: skip
-    """The values the demo adds to its recipe: its data, its selection, and what its budget decides."""
+                     output: Path, seconds_left: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """The values the demo adds to its recipe: its data, its selection, and what its budget decides.
+
+    ``seconds_left``: the budget left when training starts; training may use all of it but the planned
+    evaluation reserve (the data stage may have been faster or slower than planned)."""
     from conditune.machine import usable_cores
 
     main_steps = plan.main_steps if plan else cfg.demo.max_steps
@@ -233,7 +236,8 @@ def budget_overrides(cfg: DemoConfig, *, speech: dict[str, Path], names_file: Pa
         "output.progress": cfg.demo.progress,
     }
     if plan is not None:
-        values.update({"training.align_steps": plan.align_steps, "training.max_seconds": plan.train_seconds})
+        limit = plan.train_seconds if seconds_left is None else max(60, int(seconds_left - plan.reserve_seconds))
+        values.update({"training.align_steps": plan.align_steps, "training.max_seconds": limit})
     return values
 
 
@@ -274,7 +278,8 @@ def _run_stages(cfg: DemoConfig, output: Path, con: Console) -> DemoResult:
     processor = _processor(cfg)
     misses = encode(con, processor, [speech["train"], speech["dev"]], d.progress, cfg.data.encode_batch)
     setup_seconds = time.monotonic() - con.start
-    overrides = budget_overrides(cfg, speech=speech, names_file=names_file, plan=plan, output=output)
+    overrides = budget_overrides(cfg, speech=speech, names_file=names_file, plan=plan, output=output,
+                                 seconds_left=con.left())  # fmt: skip
     train_cfg = load_config(TrainConfig, training_part(cfg), overrides)
     t = train_cfg.training
     con.stage("train", f"adaptor + {len(selection.chosen)} tensors: {t.align_steps} alignment + {t.max_steps} main steps"
