@@ -230,7 +230,10 @@ def test_ctrl_c_during_scan_exits_130_and_resumes(tmp_path, slow_model):
     home, out = tmp_path / "home", tmp_path / "out" / "scan.csv"
     env = {**os.environ, "CONDITUNE_HOME": str(home), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "conditune", "scan", str(slow_model), "-o", str(out), "-q", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell ignores SIGINT in what it starts in the background (`pytest &`), and children inherit that:
+    # give the scan the disposition it has under a terminal's Ctrl-C.
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore)
     deadline = time.time() + 120
     while time.time() < deadline and not _cache_lines(home) and proc.poll() is None:
         time.sleep(0.05)
