@@ -179,7 +179,7 @@ def test_report_and_plots(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def test_demo_end_to_end_real_models(tmp_path, monkeypatch):
+def test_demo_end_to_end_real_models(tmp_path, monkeypatch, capsys):
     """The whole recipe with the real demo models and tiny counts (~3 min on 2 cores, mostly GGUF loading)."""
     real = _needs_models("smollm2", "whisper-base")
     home = tmp_path / "home"
@@ -241,6 +241,9 @@ def test_demo_end_to_end_real_models(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "| en |" in report and "held-out voice" in report and "Whisper base's own decoder" in report
     assert metrics["heldout_voice"]["utterances"] == 4 and set(metrics["wer_ci"]) >= {"en", "de", "all"}
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # one line a script can read
+    assert summary["wer"] == metrics["wer"] and "items" not in summary["forgetting"]
+    assert summary["forgetting"]["kl_to_base"] == metrics["forgetting"]["kl_to_base"]
 
 
 @pytest.mark.parametrize("minutes", ["0", "2"])

@@ -95,4 +95,6 @@ def register(app: typer.Typer) -> None:
         result = run_demo(cfg)
         m = result.metrics
         keys = ("wer", "forgetting", "steps", "seconds", "setup_seconds")
-        typer.echo(json.dumps({"output": str(result.output), **{k: m[k] for k in keys}}))
+        summary = {k: m[k] for k in keys}
+        summary["forgetting"] = {k: v for k, v in m["forgetting"].items() if k != "items"}  # per text: metrics.json
+        typer.echo(json.dumps({"output": str(result.output), **summary}))
