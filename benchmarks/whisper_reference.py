@@ -58,15 +58,16 @@ def main(argv=None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.output, result)
     lines = [
-        "# Whisper base's own decoder on the demo test split",
+        f"# Whisper base's own decoder on `{args.manifest.name}`",
         "",
         f"{len(rows)} utterances from `{args.manifest.name}`, {seconds:.0f} s on {result['machine']['cpu']} "
         f"({result['machine']['cores']} cores), {result['date']}.",
         "",
-        "| language | WER % |",
-        "|---|---|",
+        "| language | WER % | 95 % bootstrap interval |",
+        "|---|---|---|",
     ]
-    lines += [f"| {k} | {v:.1f} |" for k, v in wer.items()]
+    ci = result["wer_ci"]
+    lines += [f"| {k} | {v:.1f} | [{ci[k]['low']:.1f}, {ci[k]['high']:.1f}] |" for k, v in wer.items()]
     atomic_write_text(args.output.with_suffix(".md"), "\n".join(lines) + "\n")
     print(json.dumps({"wer": wer, "utterances": len(rows), "seconds": round(seconds, 1)}))
     return 0
