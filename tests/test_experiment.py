@@ -159,6 +159,10 @@ def test_tiny_experiment_outputs_footing_and_skip(assets, tmp_path):
     # a different configuration in the same folder is refused
     with pytest.raises(CondituneError, match="another configuration"):
         run_experiment(_config(assets, ["lowest-kappa"], max_steps=6), out)
+    # ... and so is a report of it (its summary would name a fingerprint the runs were not made with)
+    with pytest.raises(CondituneError, match="another configuration"):
+        run_experiment(_config(assets, ["lowest-kappa"], max_steps=6), out, report_only=True)
+    assert run_experiment(_config(assets, ["lowest-kappa", "lora"]), out, report_only=True)["ran"] == []
 
 
 def test_killed_run_resumes_to_the_same_result(assets, tmp_path, monkeypatch):

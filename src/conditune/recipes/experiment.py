@@ -147,6 +147,7 @@ def run_experiment(
     cfg = config if isinstance(config, ExperimentConfig) else load_experiment_config(config, overrides)
     out = Path(output)
     ran, skipped = [], []
+    check_folder(out, cfg)  # a report too: its summary names this config's fingerprint
     if report_only:
         if not any(is_done(out, a, s) for a in cfg.experiment.arms for s in cfg.experiment.seeds):
             raise CondituneError(f"{out}: no finished run of these arms and seeds to report on")
@@ -154,7 +155,7 @@ def run_experiment(
         from conditune.io import check_writable
 
         check_writable(out, folder=True)
-        fp = check_folder(out, cfg)
+        fp = fingerprint(cfg)
         runs = planned_runs(cfg)
         if cfg.experiment.shard:
             i, n = parse_shard(cfg.experiment.shard)
