@@ -255,3 +255,10 @@ def test_every_arm_end_to_end_with_shared_alignment_and_long_horizon(assets, tmp
     # a re-run trains nothing
     again = run_experiment(cfg, out)
     assert again["ran"] == [] and again["ran_long"] == []
+    # a run still to do whose seed's alignment checkpoint is gone (a copy without weights) is one clear error
+    import shutil
+
+    shutil.rmtree(shared["checkpoint"])
+    (run_dir(out, "random", 0) / "done.json").unlink()
+    with pytest.raises(CondituneError, match="alignment stage seed 0: its checkpoint .* is gone"):
+        run_experiment(cfg, out)

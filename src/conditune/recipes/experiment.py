@@ -238,7 +238,13 @@ def run_alignment(cfg: ExperimentConfig, out: Path, seed: int, log) -> Path:
 
     folder = align_dir(out, seed)
     if (folder / DONE).is_file():
-        return Path(json.loads((folder / DONE).read_text())["checkpoint"])
+        checkpoint = Path(json.loads((folder / DONE).read_text())["checkpoint"])
+        if not checkpoint.is_dir():  # e.g. a results folder committed without weights
+            raise CondituneError(
+                f"alignment stage seed {seed}: its checkpoint {checkpoint} is gone, and every arm of a seed starts "
+                f"from it; remove {folder} to train it again (the report flags arms that started from the old one)"
+            )
+        return checkpoint
     train_dir = folder / "train"
     tc = cfg.train_config_for(seed, train_dir, {"mode": "none"})
     resume = bool(ckpt.list_checkpoints(train_dir))
