@@ -442,3 +442,11 @@ def test_real_smollm2_scan():
     ref, _ = reference(open_source("demo:smollm2").load(sample.name))
     assert abs(sample.kappa - ref) / ref < ACCURACY
     assert math.isfinite(sample.entropy_bits)
+
+
+def test_cli_progress_bar_goes_to_stderr_and_reaches_the_end(tmp_path, capsys):
+    model_dir = save_tiny_llama(tmp_path / "m")
+    assert main(["scan", str(model_dir), "-o", str(tmp_path / "scan.csv"), "--no-cache"]) == 0
+    captured = capsys.readouterr()
+    assert "100.0%" in captured.err and "scan" in captured.err  # the bar, finished, on stderr
+    assert "%" not in captured.out  # stdout stays clean for results

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import statistics
 from collections import defaultdict
@@ -54,15 +53,14 @@ def register(app: typer.Typer) -> None:
             _check_cache_writable()
         from conditune.scanning import scan_source, write_records
 
-        with _progress(enabled=not quiet) as report:
-            records, meta = scan_source(
-                source,
-                spectrum=spectrum,
-                device=device,
-                cache=cache,
-                progress=report,
-                include=(lambda name: bool(pattern.search(name))) if pattern else None,
-            )
+        records, meta = scan_source(
+            source,
+            spectrum=spectrum,
+            device=device,
+            cache=cache,
+            progress=not quiet,  # a work-weighted bar on stderr (stdout is for results), on the main process
+            include=(lambda name: bool(pattern.search(name))) if pattern else None,
+        )
         if not _is_main_process():
             return
         if output is not None:
@@ -85,33 +83,6 @@ def _check_cache_writable() -> None:
         check_writable(cache_dir(), folder=True)
     except OutputPathError as exc:
         raise CondituneError(f"scan cache: {exc} (scan with --no-cache, or set CONDITUNE_HOME)") from None
-
-
-@contextlib.contextmanager
-def _progress(*, enabled: bool):
-    """A work-weighted progress bar on stderr (stdout is for results), as scan_source's callback."""
-    if not enabled or not _is_main_process():
-        yield False
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("[bold]scan[/bold] {task.fields[tensor]}", justify="left"),
-        BarColumn(),
-        TextColumn("{task.percentage:>5.1f}%"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-    task = bar.add_task("scan", total=1.0, tensor="")
-
-    def report(done: float, total: float, name: str | None) -> None:
-        bar.update(task, completed=done, total=total, tensor=_short(name) if name else "")
-
-    with bar:
-        yield report
 
 
 def _compile(pattern: str | None):
@@ -193,7 +164,3 @@ def _median(values):
 
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.3g}"
-
-
-def _short(name: str, width: int = 40) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1) :]

@@ -84,7 +84,11 @@ def scan_source(
     todo = [i for i in infos if _needs_work(i, done)]
     mine = assign_work(todo, world)[rank]
     started = time.perf_counter()
-    new = _scan_tensors(src, mine, options, store, _progress_reporter(progress, mine, rank))
+    report = _progress_reporter(progress, mine, rank)
+    try:
+        new = _scan_tensors(src, mine, options, store, report)
+    finally:
+        report(None)  # the bar stops (and the terminal is restored) however the scan ends
     if world > 1:
         new = _gather(new)
         if (
@@ -197,7 +201,6 @@ def _scan_tensors(
             pending = reader.submit(src.load, large[k + 1].name) if k + 1 < len(large) else None
             out.extend(run(info, tensor))
             del tensor
-    report(None)
     return out
 
 
@@ -260,7 +263,8 @@ def _gather(records: list[TensorRecord]) -> list[TensorRecord]:
 
 
 def _progress_reporter(progress, infos: list[TensorInfo], rank: int):
-    """A ``report(name, cost=None)`` callback: a rich bar weighted by work (good ETAs), or a callable."""
+    """A ``report(name, cost=None)`` callback (``report(None)``: the end): a rich bar on stderr (stdout is for
+    results) weighted by work, for good ETAs; or a callable's ``(done, total, name)``."""
     total = sum(work_cost(i) for i in infos) or 1.0
     state = {"done": 0.0}
     if callable(progress):
@@ -272,6 +276,7 @@ def _progress_reporter(progress, infos: list[TensorInfo], rank: int):
         return report
     if not progress or rank != 0:
         return lambda name, cost=None: None
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     bar = Progress(
@@ -281,13 +286,15 @@ def _progress_reporter(progress, infos: list[TensorInfo], rank: int):
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        console=Console(stderr=True),
         transient=False,
     )
     task = bar.add_task("scan", total=total, tensor="")
 
     def report(name, cost=None):
         if name is None:
-            bar.stop()
+            if bar.live.is_started:
+                bar.stop()
             return
         if not bar.live.is_started:
             bar.start()
