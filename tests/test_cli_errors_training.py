@@ -103,9 +103,12 @@ def test_transcribe_damaged_model_names_the_file(trained, tmp_path):
     assert_one_line(result, USER_ERROR, "model.safetensors")
 
 
-@pytest.mark.parametrize(("option", "value"), [("--batch-size", "0"), ("--beams", "0"), ("--max-new-tokens", "-1")])
-def test_transcribe_bad_numbers(trained, option, value):
-    assert_one_line(conditune("transcribe", trained["run"], trained["paths"][0], option, value), USER_ERROR, option)
+@pytest.mark.parametrize("command", ["transcribe", "evaluate"])
+@pytest.mark.parametrize(("option", "value"), [("--batch-size", "0"), ("--beams", "0"), ("--max-new-tokens", "-1"),
+                                               ("--device", "tpu")])  # fmt: skip
+def test_transcribe_and_evaluate_bad_options(trained, command, option, value):
+    data = trained["paths"][0] if command == "transcribe" else trained["manifest"]
+    assert_one_line(conditune(command, trained["run"], data, option, value), USER_ERROR, option)
 
 
 def test_transcribe_output_that_is_a_folder_is_refused_before_loading(trained, tmp_path):

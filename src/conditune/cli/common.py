@@ -31,3 +31,14 @@ def speech_check(files) -> dict:
     from conditune.data.audio import load_audio, speech_activity
 
     return {f: speech_activity(load_audio(f, max_seconds=30.0)) for f in files}
+
+
+def check_generation_options(*, batch_size: int, beams: int, max_new_tokens: int, device: str | None) -> None:
+    """The options ``transcribe`` and ``evaluate`` share, checked before the model loads (one line each)."""
+    from conditune.validation import require_device, require_int
+
+    require_int(batch_size, "--batch-size", minimum=1)
+    require_int(beams, "--beams", minimum=1)
+    require_int(max_new_tokens, "--max-new-tokens", minimum=1)
+    if device is not None:
+        require_device(device, "--device", allow_auto=False)

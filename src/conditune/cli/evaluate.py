@@ -28,17 +28,12 @@ def register(app: typer.Typer) -> None:
         encoder: str = typer.Option(None, help="Encoder folder, if it moved since training."),
     ) -> None:
         """Word error rate of a trained speech LLM on a manifest, overall and per language."""
-        from conditune.cli.common import load_for_inference
+        from conditune.cli.common import check_generation_options, load_for_inference
         from conditune.data.examples import prepare_examples, read_manifests
         from conditune.evaluation.transcription import evaluate_examples
         from conditune.io import atomic_write_json, atomic_write_text, check_writable
-        from conditune.validation import require_device, require_int
 
-        require_int(batch_size, "--batch-size", minimum=1)
-        require_int(beams, "--beams", minimum=1)
-        require_int(max_new_tokens, "--max-new-tokens", minimum=1)
-        if device is not None:
-            require_device(device, "--device", allow_auto=False)
+        check_generation_options(batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens, device=device)
         for path in (output, predictions):
             if path is not None:
                 check_writable(path)  # before the model loads

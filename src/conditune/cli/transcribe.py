@@ -25,16 +25,11 @@ def register(app: typer.Typer) -> None:
         encoder: str = typer.Option(None, help="Encoder folder, if it moved since training."),
     ) -> None:
         """Transcribe audio files with a trained speech LLM (files without speech are reported, not decoded)."""
-        from conditune.cli.common import load_for_inference, speech_check
+        from conditune.cli.common import check_generation_options, load_for_inference, speech_check
         from conditune.evaluation.transcription import transcribe
         from conditune.io import atomic_write_text, check_writable
-        from conditune.validation import require_device, require_int
 
-        require_int(batch_size, "--batch-size", minimum=1)
-        require_int(beams, "--beams", minimum=1)
-        require_int(max_new_tokens, "--max-new-tokens", minimum=1)
-        if device is not None:
-            require_device(device, "--device", allow_auto=False)
+        check_generation_options(batch_size=batch_size, beams=beams, max_new_tokens=max_new_tokens, device=device)
         if output is not None:
             check_writable(output)  # before the model loads: nothing finished can be lost at the end
         activity = speech_check(audio)  # also decodes every file once: a bad one is one line, now
