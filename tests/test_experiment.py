@@ -252,6 +252,9 @@ def test_every_arm_end_to_end_with_shared_alignment_and_long_horizon(assets, tmp
     assert f"in all {len(ARMS)} arms" in summary and "## Long horizon" in summary and "knowledge accuracy" in summary
     info = json.loads((out / "experiment.json").read_text())
     assert info["machine"]["cores"] >= 1 and info["first_run_started_at"] and info["fingerprint"]
+    assert len(info["machines"]) == 1 and info["machines"][0]["cpu"] == info["machine"]["cpu"]
+    assert json.loads((run_dir(out, "lora", 0) / "done.json").read_text())["machine"]["cpu"] == info["machine"]["cpu"]
+    assert f"Machine: {info['machine']['cpu']}" in summary  # one machine: one line
     # a re-run trains nothing
     again = run_experiment(cfg, out)
     assert again["ran"] == [] and again["ran_long"] == []

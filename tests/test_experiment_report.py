@@ -141,3 +141,30 @@ def test_a_different_starting_adaptor_is_flagged(folder):
 def test_pareto_front():
     points = {"a": (0.1, 30.0), "b": (0.2, 20.0), "c": (0.3, 40.0), "d": (0.1, 35.0), "e": (float("nan"), 1.0)}
     assert pareto_front(points) == ["a", "b"]
+
+
+def test_runs_from_two_machines_are_named_apart(folder):
+    from conditune.experiment.report import build_report
+    from conditune.recipes.experiment import machine_history
+
+    out, cfg = folder
+    intel = {"cpu": "Intel Xeon", "cores": 2, "gpu": None, "torch": "2.13.0+cpu", "python": "3.11.7"}
+    amd = {**intel, "cpu": "AMD EPYC"}
+    build_report(out, cfg)
+    assert "Machine" not in (out / "summary.md").read_text()  # nothing recorded: nothing claimed
+    # a folder written before the history was kept: its one machine opens the history; a later invocation adds one
+    old = {"machine": {**intel, "load_average": [1.0]}, "first_run_started_at": "T0", "updated_at": "T1"}
+    history = machine_history(old, {**amd, "load_average": [2.0]}, "T2", "T3")
+    assert [(m["cpu"], m["first_seen"], m["last_seen"]) for m in history] == [("Intel Xeon", "T0", "T1"),
+                                                                             ("AMD EPYC", "T2", "T3")]  # fmt: skip
+    assert machine_history({"machines": history}, amd, "T4", "T5")[-1]["last_seen"] == "T5"  # same kind: extended
+    (out / "experiment.json").write_text(json.dumps({"machines": history}))
+    for arm in ("lowest-kappa", "highest-kappa"):
+        done = run_dir(out, arm, 2) / "done.json"
+        done.write_text(json.dumps({**json.loads(done.read_text()), "machine": amd}))
+    build_report(out, cfg)
+    summary = (out / "summary.md").read_text()
+    assert "Machines (s/step and wall s compare only within one):" in summary
+    assert "- Intel Xeon, 2 cores, GPU none, torch 2.13.0+cpu, Python 3.11.7: invocations T0 to T1; 0 runs" in summary
+    assert "- AMD EPYC, 2 cores, GPU none, torch 2.13.0+cpu, Python 3.11.7: invocations T2 to T3; 2 runs" in summary
+    assert "- 11 runs finished before runs recorded their machine" in summary  # 9 main + 4 long, 2 of them recorded

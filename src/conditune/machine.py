@@ -33,3 +33,9 @@ def machine_description() -> dict[str, Any]:
 def usable_cores() -> int:
     """The cores this process may run on (its affinity), at least 1."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`machine_description` records describe the same kind of machine (load aside)."""
+    keys = ("cpu", "cores", "gpu", "torch", "python")
+    return all(a.get(k) == b.get(k) for k in keys)

@@ -187,16 +187,39 @@ def header_section(output: Path, cfg, runs, long_runs) -> list[str]:
             info = {}
     finished = sorted(r["done"].get("finished_at", "") for r in [*runs.values(), *long_runs.values()])
     finished = [f for f in finished if f]
-    machine = info.get("machine") or {}
     lines = ["# Experiment summary", ""]
     lines.append(f"Config fingerprint `{fingerprint(cfg)}` (the resolved config is in `experiment.json`).")
-    if machine:
-        lines.append(f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, GPU {machine.get('gpu') or 'none'}, "
-                     f"torch {machine.get('torch')}, Python {machine.get('python')}.")  # fmt: skip
+    lines += machines_lines(info, [*runs.values(), *long_runs.values()])
     if finished:
         lines.append(f"Runs finished between {finished[0]} and {finished[-1]}"
                      + (f" (first invocation started {info['first_run_started_at']})." if info.get("first_run_started_at")
                         else "."))  # fmt: skip
+    return [*lines, ""]
+
+
+def _machine_name(m: dict) -> str:
+    return f"{m.get('cpu')}, {m.get('cores')} cores, GPU {m.get('gpu') or 'none'}, torch {m.get('torch')}, " \
+           f"Python {m.get('python')}"  # fmt: skip
+
+
+def machines_lines(info: dict, runs: list[dict]) -> list[str]:
+    """The machine(s) the runs trained on: the folder's history of invocations (``experiment.json``) and each run's
+    own record (``done.json``), so that timings from different machines are never read as one."""
+    from conditune.machine import same_machine
+
+    kinds = list(info.get("machines") or ([info["machine"]] if info.get("machine") else []))
+    recorded = [r["done"]["machine"] for r in runs if r["done"].get("machine")]
+    kinds += [m for m in recorded if not any(same_machine(m, k) for k in kinds)]
+    if len(kinds) <= 1:
+        return [f"Machine: {_machine_name(kinds[0])}."] if kinds else []
+    lines = ["Machines (s/step and wall s compare only within one):"]
+    for m in kinds:
+        count = sum(1 for r in recorded if same_machine(r, m))
+        span = f"invocations {m['first_seen']} to {m['last_seen']}; " if m.get("first_seen") else ""
+        lines.append(f"- {_machine_name(m)}: {span}{count} runs record it in their done.json")
+    unrecorded = len(runs) - len(recorded)
+    if unrecorded:
+        lines.append(f"- {unrecorded} runs finished before runs recorded their machine (the invocations say where)")
     return [*lines, ""]
 
 

@@ -47,6 +47,7 @@ from conditune.experiment.runs import (
     write_items,
 )
 from conditune.io import atomic_write_json
+from conditune.machine import machine_description
 
 ALIGN_WAIT_S = 10.0  # another shard's alignment stage: how often to look for it
 
@@ -198,15 +199,34 @@ def _run_all(cfg: ExperimentConfig, out: Path, todo: list[tuple[str, int, bool]]
 
 
 def _claim(out: Path, cfg: ExperimentConfig, fp: str, started: str) -> None:
-    from conditune.machine import machine_description
-
     info = out / INFO
-    first = started
+    old: dict[str, Any] = {}
     if info.is_file():
         with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-            first = json.loads(info.read_text()).get("first_run_started_at") or started
-    atomic_write_json(info, {"fingerprint": fp, "config": to_dict(cfg), "first_run_started_at": first,
-                             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_description()})  # fmt: skip
+            old = json.loads(info.read_text())
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    machine = machine_description()
+    atomic_write_json(info, {"fingerprint": fp, "config": to_dict(cfg),
+                             "first_run_started_at": old.get("first_run_started_at") or started, "updated_at": now,
+                             "machine": machine, "machines": machine_history(old, machine, started, now)})  # fmt: skip
+
+
+def machine_history(old: dict[str, Any], machine: dict[str, Any], started: str, now: str) -> list[dict[str, Any]]:
+    """Every kind of machine the folder's invocations ran on, in order, each with when it was first and last seen (a
+    folder written before the history was kept starts it with its one recorded machine)."""
+    from conditune.machine import same_machine
+
+    history = [dict(m) for m in old.get("machines") or []]
+    if not history and old.get("machine"):
+        history = [
+            {**old["machine"], "first_seen": old.get("first_run_started_at"), "last_seen": old.get("updated_at")}
+        ]
+    entry = {k: v for k, v in machine.items() if k != "load_average"}
+    if history and same_machine(history[-1], entry):
+        history[-1]["last_seen"] = now
+    else:
+        history.append({**entry, "first_seen": started, "last_seen": now})
+    return history
 
 
 # ---------------------------------------------------------------------------------------------- alignment stage
@@ -257,6 +277,7 @@ def run_alignment(cfg: ExperimentConfig, out: Path, seed: int, log) -> Path:
         raise CondituneError(f"alignment stage seed {seed} stopped at step {result.step}, not {a}")
     checkpoint = ckpt.checkpoints_root(train_dir) / f"step-{a:08d}"
     atomic_write_json(folder / DONE, {"seed": seed, "checkpoint": str(checkpoint.resolve()), "step": a,
+                                      "machine": machine_description(),
                                       "adaptor_sha": checkpoint_adaptor_sha(checkpoint),
                                       "align_seconds_per_step": result.align_seconds_per_step,
                                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})  # fmt: skip
@@ -323,6 +344,7 @@ def _run_one(cfg: ExperimentConfig, out: Path, arm: str, seed: int, plan, probe,
         "result": result.to_dict(),
         "note": plan.note,
         "expected_llm_params": plan.llm_params,
+        "machine": machine_description(),  # where it trained: a folder's runs may come from several machines
         "this_invocation_s": round(time.monotonic() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })  # fmt: skip
