@@ -258,10 +258,18 @@ def test_every_arm_end_to_end_with_shared_alignment_and_long_horizon(assets, tmp
     # a re-run trains nothing
     again = run_experiment(cfg, out)
     assert again["ran"] == [] and again["ran_long"] == []
-    # a run still to do whose seed's alignment checkpoint is gone (a copy without weights) is one clear error
+    # a run still to do whose seed's alignment checkpoint is gone (a copy without weights): the stage trains again
+    # and is used because it reproduces the recorded adaptor bit for bit ...
     import shutil
 
     shutil.rmtree(shared["checkpoint"])
     (run_dir(out, "random", 0) / "done.json").unlink()
-    with pytest.raises(CondituneError, match="alignment stage seed 0: its checkpoint .* is gone"):
+    assert run_experiment(cfg, out)["ran"] == [("random", 0)]
+    again = json.loads((align_dir(out, 0) / "done.json").read_text())
+    assert again["adaptor_sha"] == shared["adaptor_sha"] and again["first"]["adaptor_sha"] == shared["adaptor_sha"]
+    # ... and refused, with what to do, when it does not (here: a different recorded adaptor)
+    shutil.rmtree(again["checkpoint"])
+    (align_dir(out, 0) / "done.json").write_text(json.dumps({**again, "adaptor_sha": "0" * 64}))
+    (run_dir(out, "random", 0) / "done.json").unlink()
+    with pytest.raises(CondituneError, match="trained again, its adaptor .* differs from the one .* remove"):
         run_experiment(cfg, out)

@@ -252,19 +252,18 @@ def _own_alignment_stages(cfg: ExperimentConfig, out: Path, todo, log) -> None:
 
 def run_alignment(cfg: ExperimentConfig, out: Path, seed: int, log) -> Path:
     """The shared alignment stage of ``seed`` (the LLM frozen, stopped at ``align_steps`` with a checkpoint),
-    unless it is done; returns its checkpoint."""
+    unless it is done; returns its checkpoint. A done stage whose checkpoint is gone (a folder copied without
+    weights) is trained again and used only if it reproduces the adaptor the seed's runs started from."""
     from conditune.training import checkpoint as ckpt
     from conditune.training import trainer
 
     folder = align_dir(out, seed)
-    if (folder / DONE).is_file():
-        checkpoint = Path(json.loads((folder / DONE).read_text())["checkpoint"])
-        if not checkpoint.is_dir():  # e.g. a results folder committed without weights
-            raise CondituneError(
-                f"alignment stage seed {seed}: its checkpoint {checkpoint} is gone, and every arm of a seed starts "
-                f"from it; remove {folder} to train it again (the report flags arms that started from the old one)"
-            )
-        return checkpoint
+    recorded = json.loads((folder / DONE).read_text()) if (folder / DONE).is_file() else None
+    if recorded is not None:
+        if Path(recorded["checkpoint"]).is_dir():
+            return Path(recorded["checkpoint"])
+        log(f"alignment stage seed {seed}: its checkpoint {recorded['checkpoint']} is gone; training it again, to be "
+            "used only if it reproduces the recorded adaptor")  # fmt: skip
     train_dir = folder / "train"
     tc = cfg.train_config_for(seed, train_dir, {"mode": "none"})
     resume = bool(ckpt.list_checkpoints(train_dir))
@@ -276,11 +275,19 @@ def run_alignment(cfg: ExperimentConfig, out: Path, seed: int, log) -> Path:
     if result.step != a:
         raise CondituneError(f"alignment stage seed {seed} stopped at step {result.step}, not {a}")
     checkpoint = ckpt.checkpoints_root(train_dir) / f"step-{a:08d}"
+    sha = checkpoint_adaptor_sha(checkpoint)
+    if recorded is not None and recorded.get("adaptor_sha") != sha:
+        raise CondituneError(
+            f"alignment stage seed {seed}: trained again, its adaptor ({sha[:12]}) differs from the one the seed's "
+            f"finished runs started from ({str(recorded.get('adaptor_sha'))[:12]}; float results can differ between "
+            f"machines): remove {folder / DONE} to go on from the new one (the report flags the runs that started "
+            "from the old one), or run another seed"
+        )
     atomic_write_json(folder / DONE, {"seed": seed, "checkpoint": str(checkpoint.resolve()), "step": a,
-                                      "machine": machine_description(),
-                                      "adaptor_sha": checkpoint_adaptor_sha(checkpoint),
+                                      "machine": machine_description(), "adaptor_sha": sha,
                                       "align_seconds_per_step": result.align_seconds_per_step,
-                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})  # fmt: skip
+                                      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                      **({"first": recorded} if recorded else {})})  # fmt: skip
     return checkpoint
 
 
