@@ -56,3 +56,14 @@ def test_the_v2_config_runs_every_arm_with_the_probes_and_the_long_horizon(tmp_p
     assert e["arms"] == list(ARMS) and len(e["seeds"]) >= 3 and e["knowledge_probe"] and e["knowledge_questions"] >= 200
     assert e["long_horizon"] == {"arms": ["lowest-kappa", "highest-kappa"], "seeds": [1, 2], "steps_multiplier": 4,
                                  "evaluations": 8}  # fmt: skip
+
+
+def test_the_v2_script_without_an_output_is_one_usage_line():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "experiment_v2.sh"
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and result.stdout == ""
+    assert (
+        len(result.stderr.strip().splitlines()) == 1 and "usage: bash scripts/experiment_v2.sh OUTPUT" in result.stderr
+    )

@@ -145,7 +145,7 @@ def test_pareto_front():
 
 def test_runs_from_two_machines_are_named_apart(folder):
     from conditune.experiment.report import build_report
-    from conditune.recipes.experiment import machine_history
+    from conditune.experiment.runs import machine_history
 
     out, cfg = folder
     intel = {"cpu": "Intel Xeon", "cores": 2, "gpu": None, "torch": "2.13.0+cpu", "python": "3.11.7"}

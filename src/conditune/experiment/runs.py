@@ -2,7 +2,8 @@
 
 ::
 
-    experiment.json                the resolved config, its fingerprint, the machine and the dates
+    experiment.json                the resolved config, its fingerprint, the dates, the machine of the last
+                                   invocation and the machines of all (``machines``)
     runs/<arm>/seed<k>/plan.json   what the arm trains (names / LoRA / OSF section), its expected LLM parameter count
     runs/<arm>/seed<k>/train/      the trainer's output.dir: metrics.jsonl (train + eval + main_start records),
                                    eval_items.jsonl (per-item results of every evaluation), checkpoints/, final/
@@ -115,3 +116,21 @@ def write_items(path: Path, record: dict[str, Any]) -> None:
 
     kept = [r for step, r in sorted(read_items(path).items()) if step < int(record["step"])]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in [*kept, record]))
+
+
+def machine_history(old: dict[str, Any], machine: dict[str, Any], started: str, now: str) -> list[dict[str, Any]]:
+    """Every kind of machine the folder's invocations ran on, in order, each with when it was first and last seen (a
+    folder written before the history was kept starts it with its one recorded machine)."""
+    from conditune.machine import same_machine
+
+    history = [dict(m) for m in old.get("machines") or []]
+    if not history and old.get("machine"):
+        history = [
+            {**old["machine"], "first_seen": old.get("first_run_started_at"), "last_seen": old.get("updated_at")}
+        ]
+    entry = {k: v for k, v in machine.items() if k != "load_average"}
+    if history and same_machine(history[-1], entry):
+        history[-1]["last_seen"] = now
+    else:
+        history.append({**entry, "first_seen": started, "last_seen": now})
+    return history

@@ -43,6 +43,7 @@ from conditune.experiment.runs import (
     fingerprint,
     is_done,
     long_dir,
+    machine_history,
     run_dir,
     write_items,
 )
@@ -148,7 +149,7 @@ def run_experiment(
     cfg = config if isinstance(config, ExperimentConfig) else load_experiment_config(config, overrides)
     out = Path(output)
     ran, skipped = [], []
-    check_folder(out, cfg)  # a report too: its summary names this config's fingerprint
+    fp = check_folder(out, cfg)  # a report too: its summary names this config's fingerprint
     if report_only:
         if not any(is_done(out, a, s) for a in cfg.experiment.arms for s in cfg.experiment.seeds):
             raise CondituneError(f"{out}: no finished run of these arms and seeds to report on")
@@ -156,7 +157,6 @@ def run_experiment(
         from conditune.io import check_writable
 
         check_writable(out, folder=True)
-        fp = fingerprint(cfg)
         runs = planned_runs(cfg)
         if cfg.experiment.shard:
             i, n = parse_shard(cfg.experiment.shard)
@@ -209,24 +209,6 @@ def _claim(out: Path, cfg: ExperimentConfig, fp: str, started: str) -> None:
     atomic_write_json(info, {"fingerprint": fp, "config": to_dict(cfg),
                              "first_run_started_at": old.get("first_run_started_at") or started, "updated_at": now,
                              "machine": machine, "machines": machine_history(old, machine, started, now)})  # fmt: skip
-
-
-def machine_history(old: dict[str, Any], machine: dict[str, Any], started: str, now: str) -> list[dict[str, Any]]:
-    """Every kind of machine the folder's invocations ran on, in order, each with when it was first and last seen (a
-    folder written before the history was kept starts it with its one recorded machine)."""
-    from conditune.machine import same_machine
-
-    history = [dict(m) for m in old.get("machines") or []]
-    if not history and old.get("machine"):
-        history = [
-            {**old["machine"], "first_seen": old.get("first_run_started_at"), "last_seen": old.get("updated_at")}
-        ]
-    entry = {k: v for k, v in machine.items() if k != "load_average"}
-    if history and same_machine(history[-1], entry):
-        history[-1]["last_seen"] = now
-    else:
-        history.append({**entry, "first_seen": started, "last_seen": now})
-    return history
 
 
 # ---------------------------------------------------------------------------------------------- alignment stage
