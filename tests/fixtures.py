@@ -5,7 +5,8 @@ One builder per kind of model:
 * :func:`save_tiny_llama` - a tiny random Llama (transformers ``save_pretrained``), with a byte-level BPE
   tokenizer trained on ``texts`` when they are given (the speech tests need one);
 * :func:`write_tiny_gguf` - a tiny Llama written as a real GGUF file with gguf's writer;
-* :func:`make_tiny_whisper` - a tiny random Whisper;
+* :func:`make_tiny_whisper` - a tiny random Whisper (:func:`tiny_whisper_config`);
+* :func:`speech_assets` - both tiny models and a corpus, for a module's fixture;
 * :func:`make_corpus` - WAVs (tones) with a JSONL manifest.
 
 No downloads: everything is generated in the test's temporary folder.
@@ -170,16 +171,14 @@ TEXTS = ["open the door", "good morning", "turn left now", "yes please"]
 SR = 16000
 
 
-def make_tiny_whisper(directory: Path) -> Path:
-    import torch
-    from transformers import WhisperConfig, WhisperModel
+def tiny_whisper_config(encoder_layers: int = 1):
+    from transformers import WhisperConfig
 
-    torch.manual_seed(0)
-    cfg = WhisperConfig(
+    return WhisperConfig(
         vocab_size=64,
         num_mel_bins=80,
         d_model=32,
-        encoder_layers=1,
+        encoder_layers=encoder_layers,
         encoder_attention_heads=2,
         encoder_ffn_dim=64,
         decoder_layers=1,
@@ -192,6 +191,14 @@ def make_tiny_whisper(directory: Path) -> Path:
         eos_token_id=2,
         decoder_start_token_id=2,
     )
+
+
+def make_tiny_whisper(directory: Path) -> Path:
+    import torch
+    from transformers import WhisperModel
+
+    torch.manual_seed(0)
+    cfg = tiny_whisper_config()
     WhisperModel(cfg).save_pretrained(directory)
     return directory
 
@@ -226,6 +233,20 @@ def make_corpus(directory: Path, texts=TEXTS, name: str = "train") -> tuple[Path
     manifest = directory / f"{name}.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest, paths
+
+
+def speech_assets(root: Path) -> dict:
+    """A tiny Whisper, a tiny LLM and a corpus of :data:`TEXTS` under ``root``, with a feature cache folder."""
+    whisper, llm = make_tiny_whisper(root / "whisper"), make_tiny_llm(root / "llm")
+    manifest, paths = make_corpus(root / "data")
+    return {
+        "root": root,
+        "whisper": whisper,
+        "llm": llm,
+        "manifest": manifest,
+        "paths": paths,
+        "cache": root / "features",
+    }
 
 
 def model_config(whisper: Path, llm: Path, mode: str = "all", **trainable) -> dict:

@@ -20,10 +20,9 @@ from fixtures import (
     TEXTS,
     build_speech_model,
     load_speech_model,
-    make_corpus,
-    make_tiny_llm,
-    make_tiny_whisper,
     model_config,
+    speech_assets,
+    tiny_whisper_config,
     tone,
 )
 
@@ -32,11 +31,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speech")
-    whisper = make_tiny_whisper(root / "whisper")
-    llm = make_tiny_llm(root / "llm")
-    manifest, paths = make_corpus(root / "data")
-    return {"root": root, "whisper": whisper, "llm": llm, "manifest": manifest, "paths": paths}
+    return speech_assets(tmp_path_factory.mktemp("speech"))
 
 
 @pytest.fixture(scope="module")
@@ -111,26 +106,10 @@ def test_encoder_length_buckets_batch_similar_lengths(assets, monkeypatch):
 
 
 def test_hf_encoder_equals_transformers_forward_on_30s_input(tmp_path):
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers import WhisperForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = WhisperConfig(
-        vocab_size=64,
-        num_mel_bins=80,
-        d_model=32,
-        encoder_layers=2,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_layers=1,
-        decoder_attention_heads=2,
-        decoder_ffn_dim=64,
-        max_source_positions=1500,
-        max_target_positions=32,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-    )
+    cfg = tiny_whisper_config(encoder_layers=2)
     reference = WhisperForConditionalGeneration(cfg).eval()  # a ...ForConditionalGeneration folder loads too
     reference.save_pretrained(tmp_path / "w")
     enc = HFWhisperEncoder(EncoderConfig(backend="hf", path=str(tmp_path / "w")))

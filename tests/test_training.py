@@ -18,9 +18,8 @@ from fixtures import (
     build_speech_model,
     load_speech_model,
     make_corpus,
-    make_tiny_llm,
-    make_tiny_whisper,
     model_config,
+    speech_assets,
     tone,
     train_config,
     write_wav,
@@ -31,18 +30,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    whisper = make_tiny_whisper(root / "whisper")
-    llm = make_tiny_llm(root / "llm")
-    manifest, paths = make_corpus(root / "data")
-    return {
-        "root": root,
-        "whisper": whisper,
-        "llm": llm,
-        "manifest": manifest,
-        "paths": paths,
-        "cache": root / "features",
-    }
+    return speech_assets(tmp_path_factory.mktemp("train"))
 
 
 def _config(assets, out, mode="all", model_extra=None, **train):
