@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from conditune.errors import CondituneError
 from conditune.evaluation.forgetting import (
     DEFAULT_INSTRUCTIONS,
+    ForgettingProbe,
     greedy_agreement,
     read_texts,
     text_metrics,
@@ -114,6 +115,32 @@ def test_agreement_detects_change(tiny):
     assert 0.0 <= g["agreement"] < 1.0
     assert g["exact"] < 1.0
     assert len(g["samples"]) == 3
+
+
+def test_probe_decodes_the_base_once_and_only_that_base(tiny):
+    path, tok = tiny
+    base, adapted = _load(path), _load(path)
+    with torch.no_grad():
+        adapted.lm_head.weight.mul_(-1.0)  # another greedy path
+    calls = []
+    base.register_forward_hook(lambda *a: calls.append(1))
+    prompts = ["open the", "good", "yes"]
+    probe = ForgettingProbe(prompts={"en": prompts}, agreement_new_tokens=6)
+    first = probe.measure(base, adapted, tok)
+    n = len(calls)
+    second = probe.measure(base, adapted, tok)
+    assert n > 0 and len(calls) == n  # the base's continuations came from the first call
+    fresh = greedy_agreement(base, adapted, tok, prompts, max_new_tokens=6)
+    for got in (first, second):
+        assert got.agreement["en"]["items"] == fresh["items"] and got.agreement["en"]["samples"] == fresh["samples"]
+        assert "base_ids" not in got.agreement["en"]
+    assert fresh["agreement"] < 1.0
+    other = _load(path)  # another base object is decoded, never given the first one's continuations
+    with torch.no_grad():
+        other.lm_head.weight.mul_(-1.0)
+    assert probe.measure(other, adapted, tok).agreement["en"]["agreement"] == 1.0
+    with pytest.raises(ValueError, match="2 continuations for 3 prompts"):
+        greedy_agreement(base, adapted, tok, prompts, base_ids=fresh["base_ids"][:2])
 
 
 def test_default_instructions():

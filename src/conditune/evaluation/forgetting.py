@@ -258,14 +258,22 @@ def _greedy(model: nn.Module, ids: list[int], max_new_tokens: int, stop: set[int
 
 @torch.no_grad()
 def greedy_agreement(
-    base_llm: nn.Module, adapted_llm: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24
+    base_llm: nn.Module,
+    adapted_llm: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 24,
+    *,
+    base_ids: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """How often the adapted model's greedy continuation equals the base model's.
 
     ``agreement``: mean over prompts of the fraction of the base continuation's positions where the
     adapted model has the same token (a base continuation that is empty counts as agreeing when the
     adapted one is empty too); ``exact``: fraction of prompts with identical continuations. Decoding
-    stops at EOS (and the chat template's end-of-turn token) or ``max_new_tokens``.
+    stops at EOS (and the chat template's end-of-turn token) or ``max_new_tokens``. ``base_ids``: the base's
+    continuations (token ids) of an earlier call on the same prompts, reused (the base never changes); the
+    result's ``base_ids`` are this call's.
     """
     was = (base_llm.training, adapted_llm.training)
     base_llm.eval()
@@ -277,11 +285,14 @@ def greedy_agreement(
             stop.update(int(c) for c in cand)
         elif cand is not None:
             stop.add(int(cand))
-    fractions, exact, samples = [], 0, []
+    if base_ids is not None and len(base_ids) != len(prompts):
+        raise ValueError(f"base_ids holds {len(base_ids)} continuations for {len(prompts)} prompts")
+    fractions, exact, samples, continuations = [], 0, [], []
     try:
-        for prompt in prompts:
+        for k, prompt in enumerate(prompts):
             ids = prompt_ids(tokenizer, prompt, bos)
-            a = _greedy(base_llm, ids, max_new_tokens, stop)
+            a = list(base_ids[k]) if base_ids is not None else _greedy(base_llm, ids, max_new_tokens, stop)
+            continuations.append(a)
             b = _greedy(adapted_llm, ids, max_new_tokens, stop)
             if a:
                 fractions.append(sum(1 for i, t in enumerate(a) if i < len(b) and b[i] == t) / len(a))
@@ -305,6 +316,7 @@ def greedy_agreement(
         "prompts": n,
         "samples": samples,
         "items": [[f, int(x["base"] == x["adapted"])] for f, x in zip(fractions, samples)],
+        "base_ids": continuations,
     }
 
 
@@ -547,7 +559,7 @@ class ForgettingProbe:
     knowledge_count: int | None = 500
     knowledge_seed: int = 0
     knowledge_max_tokens: int = 320
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False)  # the subset and the base's scores
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # the subset and the base's results
 
     def knowledge_questions(self, tokenizer) -> list[KnowledgeQuestion]:
         key = ("subset", getattr(tokenizer, "name_or_path", ""), len(tokenizer))
@@ -555,6 +567,16 @@ class ForgettingProbe:
             self._cache[key] = knowledge_subset(self.questions, tokenizer, count=self.knowledge_count,
                                                 seed=self.knowledge_seed, max_tokens=self.knowledge_max_tokens)  # fmt: skip
         return self._cache[key]
+
+    # The base LLM is loaded once per process and never changes: what it gives on the probe's fixed inputs
+    # (knowledge scores, greedy continuations) is computed once. The model and tokenizer are kept with each
+    # result, so a later base is never mistaken for the one it came from.
+    def _base_result(self, key, base_llm: nn.Module, tokenizer) -> Any:
+        kept = self._cache.get(("base", key))
+        return kept[2] if kept and kept[0] is base_llm and kept[1] is tokenizer else None
+
+    def _keep_base_result(self, key, base_llm: nn.Module, tokenizer, value: Any) -> None:
+        self._cache[("base", key)] = (base_llm, tokenizer, value)
 
     def measure(
         self, base_llm: nn.Module, adapted_llm: nn.Module, tokenizer, *, knowledge: bool = True
@@ -570,18 +592,16 @@ class ForgettingProbe:
             )
         for lang, rows in self.prompts.items():
             result.agreement[lang] = greedy_agreement(
-                base_llm, adapted_llm, tokenizer, rows, max_new_tokens=self.agreement_new_tokens
-            )
+                base_llm, adapted_llm, tokenizer, rows, max_new_tokens=self.agreement_new_tokens,
+                base_ids=self._base_result(("greedy", lang), base_llm, tokenizer),
+            )  # fmt: skip
+            self._keep_base_result(("greedy", lang), base_llm, tokenizer, result.agreement[lang].pop("base_ids"))
         if self.questions and knowledge:
             began = time.monotonic()
             questions = self.knowledge_questions(tokenizer)
-            # the base LLM is loaded once per process and never changes: its scores are computed once (the model
-            # itself is kept with them, so a later base is never mistaken for it)
-            cached = self._cache.get("base")
-            reuse = cached[2] if cached and cached[0] is base_llm and cached[1] is tokenizer else None
-            result.knowledge = knowledge_metrics(base_llm, adapted_llm, tokenizer, questions,
-                                                 batch_size=self.batch_size, base_scores=reuse)  # fmt: skip
-            self._cache["base"] = (base_llm, tokenizer, result.knowledge["base_scores"])
+            result.knowledge = knowledge_metrics(base_llm, adapted_llm, tokenizer, questions, batch_size=self.batch_size,
+                                                 base_scores=self._base_result("knowledge", base_llm, tokenizer))  # fmt: skip
+            self._keep_base_result("knowledge", base_llm, tokenizer, result.knowledge["base_scores"])
             result.knowledge_seconds = time.monotonic() - began
         result.seconds = time.monotonic() - started
         return result
