@@ -168,3 +168,17 @@ def test_runs_from_two_machines_are_named_apart(folder):
     assert "- Intel Xeon, 2 cores, GPU none, torch 2.13.0+cpu, Python 3.11.7: invocations T0 to T1; 0 runs" in summary
     assert "- AMD EPYC, 2 cores, GPU none, torch 2.13.0+cpu, Python 3.11.7: invocations T2 to T3; 2 runs" in summary
     assert "- 11 runs finished before runs recorded their machine" in summary  # 9 main + 4 long, 2 of them recorded
+
+
+def test_arm_colours_are_distinct_hues_for_ten_arms_and_stable():
+    from conditune.experiment.plots import arm_colors
+
+    names = [f"arm{i}" for i in range(11)]
+    colors = arm_colors([*names, "arm0"])  # a long-horizon arm keeps its main arm's colour
+    assert list(colors) == names
+    assert len(set(colors[n] for n in names[:10])) == 10
+    # no light shade among the first ten: each is tab20's dark member of its pair
+    from matplotlib import colormaps
+
+    light = {colormaps["tab20"](i) for i in range(1, 20, 2)}
+    assert not light & {colors[n] for n in names[:10]} and colors["arm10"] in light

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def make_plots(output: Path, runs, arms, seeds, langs, *, long_runs=None, long_a
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {arm: plt.get_cmap("tab20")(i % 20) for i, arm in enumerate(dict.fromkeys([*arms, *long_arms]))}
+    colors = arm_colors([*arms, *long_arms])
     written = []
 
     def panel(ax, metric, title, source=runs, which=arms, chosen=seeds, dashed=False):
@@ -101,6 +102,15 @@ def final_points(runs, arm: str, seeds: list[int]) -> list[tuple[float, float]]:
         if _num(rec.get("kl")) and _num(rec.get("wer_all")):
             pts.append((float(rec["kl"]), float(rec["wer_all"])))
     return pts
+
+
+def arm_colors(names: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """One colour per distinct name: tab20's ten dark shades first, then its light ones (a light shade next to
+    its dark twin would read as the same arm, or as that arm's seed dots)."""
+    from matplotlib import colormaps
+
+    shades = [colormaps["tab20"](i) for i in [*range(0, 20, 2), *range(1, 20, 2)]]
+    return {name: shades[i % 20] for i, name in enumerate(dict.fromkeys(names))}
 
 
 def pareto_figure(plt, runs, arms, seeds, colors, front: list[str]) -> Any:
