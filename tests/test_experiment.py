@@ -273,3 +273,20 @@ def test_every_arm_end_to_end_with_shared_alignment_and_long_horizon(assets, tmp
     (run_dir(out, "random", 0) / "done.json").unlink()
     with pytest.raises(CondituneError, match="trained again, its adaptor .* differs from the one .* remove"):
         run_experiment(cfg, out)
+
+
+def test_the_committed_experiment_keeps_its_fingerprint():
+    # A key added to the recipe must leave a committed folder's fingerprint as it was (ADDED_RECIPE_KEYS), or
+    # continuing the folder is refused; one whose default changes the arithmetic must not hide behind that.
+    from pathlib import Path
+
+    from conditune.config import load_config
+    from conditune.experiment.config import ExperimentConfig
+    from conditune.experiment.runs import fingerprint
+
+    info = json.loads((Path(__file__).parents[1] / "results" / "experiment_v2" / "experiment.json").read_text())
+    cfg = load_config(ExperimentConfig, info["config"], validate=False)
+    assert fingerprint(cfg) == info["fingerprint"] == "054a431cbb479665"
+    assert not cfg.optimizer.fused
+    fused = load_config(ExperimentConfig, info["config"], {"optimizer.fused": True}, validate=False)
+    assert fingerprint(fused) != info["fingerprint"]

@@ -141,6 +141,37 @@ def test_resume_reproduces_uninterrupted_losses(assets, tmp_path):
     assert state["step"] == 8
 
 
+def test_fused_adamw_gives_the_loop_s_update_to_rounding(assets, tmp_path):
+    from types import SimpleNamespace
+
+    from conditune.training.config import OptimizerConfig
+    from conditune.training.optim import build_optimizer
+
+    models = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+        opt = build_optimizer(model, SimpleNamespace(optimizer=OptimizerConfig(lr=1e-2, fused=fused)))
+        assert bool(opt.defaults["fused"]) is fused
+        for step in range(3):
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(models[0][0].weight, torch.nn.Linear(6, 5).weight)
+
+    # end to end: the trainer builds it from optimizer.fused, and the losses follow the loop's
+    loop = train(_config(assets, tmp_path / "loop", max_steps=4))
+    fused = _config(assets, tmp_path / "fused", max_steps=4)
+    fused["optimizer"]["fused"] = True
+    fast = train(fused)
+    for step in range(1, 5):
+        assert fast.losses[step] == pytest.approx(loop.losses[step], rel=1e-4), step
+
+
 def test_only_selected_tensors_and_adaptor_change(assets, tmp_path):
     from conditune.speech.modeling import SpeechLLM
 
@@ -567,3 +598,20 @@ def test_a_learned_ctc_table_trains_saves_and_loads(assets, tmp_path):
     assert transcribe(model, processor, paths, max_new_tokens=4) == transcribe(
         *load_speech_model(result.final_dir), paths, max_new_tokens=4
     )
+
+
+def test_optimizer_benchmark_runs_and_its_two_optimizers_agree(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    out = tmp_path / "opt"
+    cmd = [sys.executable, str(root / "benchmarks" / "optimizer_step.py"), "--quick", "--rounds", "2", "--steps", "2",
+           "--output", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "opt_quick.json").read_text())
+    assert result["steps_each"] == 4 and set(result["median_step_s"]) == {"loop", "fused"}
+    assert 0 <= result["max_relative_parameter_difference"] < 1e-5 and result["speedup_fused"] > 0
+    assert "| fused |" in (tmp_path / "opt_quick.md").read_text()

@@ -50,6 +50,7 @@ ADDED_RECIPE_KEYS: dict[str, Any] = {
     "model.trainable.lora.init": "default",
     "model.trainable.osf": {"effective_rank": None, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {}},
     "training.init_from": None,
+    "optimizer.fused": False,
 }
 
 

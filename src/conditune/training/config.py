@@ -63,6 +63,10 @@ class OptimizerConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"
     clip_norm: float | None = 1.0
+    # torch's fused AdamW kernel (CPU and CUDA): the same update to rounding, in one pass over the tensors
+    # instead of a loop of small ops (benchmarks/optimizer_step.py). Off by default: the committed results
+    # ran the loop, and a resumed run keeps the arithmetic it started with.
+    fused: bool = False
 
 
 @dataclass

@@ -25,7 +25,7 @@ def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
     if not groups:
         raise CondituneError("nothing to train: no trainable parameters")
     params = [{"params": p, "lr": lr, "weight_decay": wd, "name": part} for (part, lr, wd), p in sorted(groups.items())]
-    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2))
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), fused=o.fused or None)
 
 
 def schedule_factor(step: int, warmup: int, total: int, kind: str) -> float:
