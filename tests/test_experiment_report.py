@@ -182,3 +182,23 @@ def test_arm_colours_are_distinct_hues_for_ten_arms_and_stable():
 
     light = {colormaps["tab20"](i) for i in range(1, 20, 2)}
     assert not light & {colors[n] for n in names[:10]} and colors["arm10"] in light
+
+
+def test_a_metric_of_one_evaluation_is_drawn_per_arm():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from conditune.experiment.plots import arm_colors, by_arm
+
+    runs = {("a", 0): {"evals": {10: {"k": 0.1}, 20: {"k": 0.2}}}, ("a", 1): {"evals": {20: {"k": 0.4}}},
+            ("b", 0): {"evals": {20: {}}}, ("c", 0): {"evals": {20: {"k": -0.1}}}}  # fmt: skip
+    fig, ax = plt.subplots()
+    by_arm(ax, runs, ["a", "b", "c"], [0, 1], "k", arm_colors("abc"))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "c"]  # b has no value
+    from matplotlib.collections import PathCollection
+
+    dots = [c.get_offsets().tolist() for c in ax.collections if isinstance(c, PathCollection)]
+    assert dots == [[[0.0, 0.2], [0.0, 0.4]], [[1.0, -0.1]]]  # each seed at its last evaluation
+    plt.close(fig)

@@ -80,15 +80,49 @@ def make_plots(output: Path, runs, arms, seeds, langs, *, long_runs=None, long_a
         ("knowledge_change", "knowledge accuracy change (adapted − base)"),
     ]
     fpanels = [p for p in fpanels if any(_num(r["evals"][k].get(p[0])) for r in runs.values() for k in r["evals"])]
-    fig, axes = plt.subplots(1, max(1, len(fpanels)), figsize=(4.6 * max(1, len(fpanels)), 3.8), squeeze=False)
+    long_kl = bool(long_runs) and any(_num(e.get("kl")) for r in long_runs.values() for e in r["evals"].values())
+    count = max(1, len(fpanels) + long_kl)
+    fig, axes = plt.subplots(1, count, figsize=(4.6 * count, 3.8), squeeze=False)
     for ax, (metric, title) in zip(axes[0], fpanels):
-        panel(ax, metric, title)
+        steps = {k for r in runs.values() for k, e in r["evals"].items() if _num(e.get(metric))}
+        if len(steps) == 1:  # measured at one evaluation only (the knowledge questions): one point per arm
+            by_arm(ax, runs, arms, seeds, metric, colors)
+            ax.set_title(f"{title.split(' (')[0]} at step {steps.pop()}", fontsize=10)
+        else:
+            panel(ax, metric, title)
+    if long_kl:
+        ax = axes[0][-1]
+        panel(ax, "kl", "long horizon: KL(base‖adapted)", long_runs, long_arms, list(long_seeds), dashed=True)
+        ax.legend(fontsize=7)
     axes[0][0].legend(fontsize=6)
     fig.suptitle("Forgetting of the LLM over steps (mean ± std over seeds)")
     save(fig, "forgetting_over_steps.png")
 
     save(pareto_figure(plt, runs, arms, seeds, colors, pareto or []), "wer_vs_forgetting.png")
     return written
+
+
+def by_arm(ax, runs, arms, seeds, metric: str, colors) -> None:
+    """``metric`` at each arm's last evaluation: the seeds as dots, their mean ± std as a marker, arms along x."""
+    import numpy as np
+
+    shown = []
+    for arm in arms:
+        values = []
+        for s in seeds:
+            run = runs.get((arm, s))
+            if run and run["evals"] and _num(run["evals"][max(run["evals"])].get(metric)):
+                values.append(float(run["evals"][max(run["evals"])][metric]))
+        if not values:
+            continue
+        x = len(shown)
+        shown.append(arm)
+        ax.scatter([x] * len(values), values, s=14, alpha=0.45, color=colors[arm])
+        ax.errorbar([x], [np.mean(values)], yerr=[np.std(values, ddof=1) if len(values) > 1 else 0], fmt="o",
+                    ms=6, color=colors[arm], capsize=3)  # fmt: skip
+    ax.axhline(0.0, color="black", linewidth=0.8, alpha=0.5)
+    ax.set_xticks(range(len(shown)), shown, rotation=60, ha="right", fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
 
 
 def final_points(runs, arm: str, seeds: list[int]) -> list[tuple[float, float]]:
