@@ -202,3 +202,14 @@ def test_a_metric_of_one_evaluation_is_drawn_per_arm():
     dots = [c.get_offsets().tolist() for c in ax.collections if isinstance(c, PathCollection)]
     assert dots == [[[0.0, 0.2], [0.0, 0.4]], [[1.0, -0.1]]]  # each seed at its last evaluation
     plt.close(fig)
+
+
+def test_a_rise_within_noise_after_the_best_is_no_upturn_and_not_a_fall_either():
+    from conditune.experiment.evidence import Curve, TurnVerdict, describe_turn
+
+    rose = TurnVerdict("highest-kappa", Curve("highest-kappa", [1, 2, 3], [83.4, 72.3, 75.8], 1), 3.5, -1.5, 8.7)
+    (line,) = describe_turn([rose])
+    assert line.endswith("(95 % interval of the rise [-1.50, +8.70] pp), a rise within noise: no upturn shown")
+    assert not rose.turns_upward and rose.keeps_falling
+    up = TurnVerdict("highest-kappa", Curve("highest-kappa", [1, 2, 3], [83.4, 72.3, 75.8], 1), 3.5, 0.5, 8.7)
+    assert describe_turn([up])[0].endswith("[+0.50, +8.70] pp): turns upward")

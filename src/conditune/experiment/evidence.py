@@ -242,6 +242,8 @@ def describe_turn(verdicts: Sequence[TurnVerdict]) -> list[str]:
             continue
         interval = "" if math.isnan(v.low) else f" (95 % interval of the rise [{v.low:+.2f}, {v.high:+.2f}] pp)"
         noise = "" if v.turns_upward else ", a rise within noise"
+        if v.keeps_falling:  # below its first evaluation, and the rise after its best is no evidence of an upturn
+            outcome = "no upturn shown"
         lines.append(f"- {v.arm} ({span}): WER {c.wer[0]:.2f} % at first, best {c.best:.2f} % at step {c.best_step}, "
                      f"final {c.final:.2f} % ({v.rise:+.2f} pp){interval}{noise}: {outcome}")  # fmt: skip
     return lines
