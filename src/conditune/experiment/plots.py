@@ -108,11 +108,7 @@ def by_arm(ax, runs, arms, seeds, metric: str, colors) -> None:
 
     shown = []
     for arm in arms:
-        values = []
-        for s in seeds:
-            run = runs.get((arm, s))
-            if run and run["evals"] and _num(run["evals"][max(run["evals"])].get(metric)):
-                values.append(float(run["evals"][max(run["evals"])][metric]))
+        values = [v for (v,) in final_values(runs, arm, seeds, metric)]
         if not values:
             continue
         x = len(shown)
@@ -125,17 +121,22 @@ def by_arm(ax, runs, arms, seeds, metric: str, colors) -> None:
     ax.grid(alpha=0.3, axis="y")
 
 
-def final_points(runs, arm: str, seeds: list[int]) -> list[tuple[float, float]]:
-    """(KL, WER) at each seed's last evaluation."""
-    pts = []
+def final_values(runs, arm: str, seeds: list[int], *metrics: str) -> list[tuple[float, ...]]:
+    """``metrics`` at each seed's last evaluation (the seeds that have them all)."""
+    rows = []
     for s in seeds:
         run = runs.get((arm, s))
         if run is None or not run["evals"]:
             continue
         rec = run["evals"][max(run["evals"])]
-        if _num(rec.get("kl")) and _num(rec.get("wer_all")):
-            pts.append((float(rec["kl"]), float(rec["wer_all"])))
-    return pts
+        if all(_num(rec.get(m)) for m in metrics):
+            rows.append(tuple(float(rec[m]) for m in metrics))
+    return rows
+
+
+def final_points(runs, arm: str, seeds: list[int]) -> list[tuple[float, float]]:
+    """(KL, WER) at each seed's last evaluation."""
+    return final_values(runs, arm, seeds, "kl", "wer_all")
 
 
 def arm_colors(names: Sequence[str]) -> dict[str, tuple[float, ...]]:
