@@ -235,15 +235,15 @@ def describe_turn(verdicts: Sequence[TurnVerdict]) -> list[str]:
         span = (
             f"{c.seeds} seed{'s' if c.seeds != 1 else ''}, {len(c.steps)} evaluations, steps {c.steps[0]}–{c.steps[-1]}"
         )
-        outcome = "turns upward" if v.turns_upward else "keeps falling" if v.keeps_falling else "does not fall"
         if c.best_step == c.steps[-1]:
+            outcome = "keeps falling" if v.keeps_falling else "does not fall"
             lines.append(f"- {v.arm} ({span}): WER {c.wer[0]:.2f} % → {c.final:.2f} %, lowest at the last "
                          f"evaluation: {outcome}")  # fmt: skip
             continue
         interval = "" if math.isnan(v.low) else f" (95 % interval of the rise [{v.low:+.2f}, {v.high:+.2f}] pp)"
         noise = "" if v.turns_upward else ", a rise within noise"
-        if v.keeps_falling:  # below its first evaluation, and the rise after its best is no evidence of an upturn
-            outcome = "no upturn shown"
+        # after an earlier best, a rise within noise shows no upturn; "keeps falling" would overstate it
+        outcome = "turns upward" if v.turns_upward else "no upturn shown" if v.keeps_falling else "does not fall"
         lines.append(f"- {v.arm} ({span}): WER {c.wer[0]:.2f} % at first, best {c.best:.2f} % at step {c.best_step}, "
                      f"final {c.final:.2f} % ({v.rise:+.2f} pp){interval}{noise}: {outcome}")  # fmt: skip
     return lines
