@@ -273,6 +273,14 @@ def test_every_arm_end_to_end_with_shared_alignment_and_long_horizon(assets, tmp
     (run_dir(out, "random", 0) / "done.json").unlink()
     with pytest.raises(CondituneError, match="trained again, its adaptor .* differs from the one .* remove"):
         run_experiment(cfg, out)
+    # ... and refused before training when the stage ran on another CPU (it would not reproduce)
+    (align_dir(out, 0) / "done.json").write_text(json.dumps({**again, "machine": {"cpu": "Another CPU 9000"}}))
+    shutil.rmtree(again["checkpoint"])
+    metrics = align_dir(out, 0) / "train" / "metrics.jsonl"
+    before = metrics.read_bytes()
+    with pytest.raises(CondituneError, match="ran on Another CPU 9000 and its checkpoint is gone.*finish the seed on"):
+        run_experiment(cfg, out)
+    assert metrics.read_bytes() == before  # nothing trained
 
 
 def test_the_committed_experiment_keeps_its_fingerprint():

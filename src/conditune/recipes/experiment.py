@@ -244,6 +244,7 @@ def run_alignment(cfg: ExperimentConfig, out: Path, seed: int, log) -> Path:
     if recorded is not None:
         if Path(recorded["checkpoint"]).is_dir():
             return Path(recorded["checkpoint"])
+        _refuse_other_cpu(recorded, seed, folder / DONE)
         log(f"alignment stage seed {seed}: its checkpoint {recorded['checkpoint']} is gone; training it again, to be "
             "used only if it reproduces the recorded adaptor")  # fmt: skip
     train_dir = folder / "train"
@@ -271,6 +272,19 @@ def run_alignment(cfg: ExperimentConfig, out: Path, seed: int, log) -> Path:
                                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                       **({"first": recorded} if recorded else {})})  # fmt: skip
     return checkpoint
+
+
+def _refuse_other_cpu(recorded: dict, seed: int, done: Path) -> None:
+    """Before training a gone stage again: one trained on another CPU does not reproduce (float rounding differs
+    between CPUs; seen for AMD EPYC -> Intel Xeon), so say so now rather than after the stage."""
+    then = (recorded.get("machine") or {}).get("cpu")
+    now = machine_description()["cpu"]
+    if then and then != now:
+        raise CondituneError(
+            f"alignment stage seed {seed} ran on {then} and its checkpoint is gone: trained again on this {now} it "
+            f"would not reproduce the adaptor the seed's runs started from: finish the seed on a {then}, remove "
+            f"{done} to start the seed afresh here, or run another seed"
+        )
 
 
 def checkpoint_adaptor_sha(checkpoint: Path) -> str:
