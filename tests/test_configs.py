@@ -54,8 +54,9 @@ def test_the_v2_config_runs_every_arm_with_the_probes_and_the_long_horizon(tmp_p
 
     e = read_yaml(CONFIGS / "experiment_v2.yaml")["experiment"]
     assert e["arms"] == list(ARMS) and len(e["seeds"]) >= 3 and e["knowledge_probe"] and e["knowledge_questions"] >= 200
-    assert e["long_horizon"] == {"arms": ["lowest-kappa", "highest-kappa"], "seeds": [1, 2], "steps_multiplier": 4,
-                                 "evaluations": 8}  # fmt: skip
+    long = e["long_horizon"]  # the part 4: the pair, 2 seeds, 4x the main steps, >= 8 evaluations
+    assert long["arms"] == ["lowest-kappa", "highest-kappa"] and len(set(long["seeds"])) == 2
+    assert long["steps_multiplier"] == 4 and long["evaluations"] >= 8
 
 
 def test_the_v2_script_without_an_output_is_one_usage_line():
